@@ -1,0 +1,49 @@
+# The course's commands. Every target sets up .venv first (torch pinned first: a CPU build; then the rest).
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+TORCH   := torch==2.13.0
+ARGS    ?=
+
+.PHONY: lab test notebooks execute bench data pretrain doctor lint clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+lab: $(STAMP)  ## open the course in JupyterLab (headless: make lab ARGS="--no-browser")
+	$(PY) -m ipykernel install --user --name finetuning-course --display-name "Python (fine-tuning course)" >/dev/null
+	$(PY) -m jupyter lab --notebook-dir=. $(ARGS)
+
+test: $(STAMP)  ## lint, unit tests, every notebook (solutions and student copies), consistency checks
+	$(PY) -m ruff check utils tests benchmarks
+	$(PY) -m ruff format --check utils tests benchmarks
+	$(PY) -m pytest tests -q
+	$(PY) -m pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider solutions notebooks
+
+notebooks: $(STAMP)  ## regenerate notebooks/ from solutions/ (and refresh every notebook's header cells)
+	$(PY) -m utils.workbook
+
+execute: $(STAMP)  ## run every solution notebook in place, so its committed outputs are current
+	$(PY) -m utils.workbook --execute
+
+bench: $(STAMP)  ## benchmarks; writes benchmarks/RESULTS.md
+	$(PY) -m benchmarks.run
+
+data: $(STAMP)  ## regenerate the world's data files (deterministic)
+	$(PY) -m utils.data
+
+pretrain: $(STAMP)  ## retrain the tiny base model (about 20 minutes on 2 CPU cores)
+	$(PY) -m utils.pretrain
+
+doctor: $(STAMP)  ## what is installed, which device, what to fix
+	$(PY) -m utils.doctor
+
+lint: $(STAMP)
+	$(PY) -m ruff check --fix utils tests benchmarks
+	$(PY) -m ruff format utils tests benchmarks
+
+clean-venv:
+	rm -rf .venv

@@ -1,0 +1,61 @@
+import nbformat
+import pytest
+
+from utils import workbook
+
+
+def _nb(*cells):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = list(cells)
+    return nb
+
+
+def test_solution_region_becomes_not_implemented_and_keeps_indentation():
+    src = "def f(x):\n    ### BEGIN SOLUTION\n    return 2 * x\n    ### END SOLUTION\n\nprint(f)"
+    cell = nbformat.v4.new_code_cell(src)
+    cell.outputs = [nbformat.v4.new_output("stream", text="hi")]
+    student = workbook.make_student(_nb(cell)).cells[0]
+    assert "return 2 * x" not in student.source
+    assert "    raise NotImplementedError(" in student.source
+    assert student.source.endswith("print(f)")
+    assert student.outputs == [] and student.execution_count is None
+
+
+def test_hidden_tests_and_check_output_markers_are_removed():
+    src = "# NBVAL_CHECK_OUTPUT\nx = 1\n### BEGIN HIDDEN TESTS\nassert x == 1\n### END HIDDEN TESTS"
+    student = workbook.make_student(_nb(nbformat.v4.new_code_cell(src))).cells[0]
+    assert student.source == "x = 1"
+
+
+def test_markdown_answer_region():
+    src = "Why?\n### BEGIN SOLUTION\nBecause.\n### END SOLUTION"
+    student = workbook.make_student(_nb(nbformat.v4.new_markdown_cell(src))).cells[0]
+    assert "Because" not in student.source and "YOUR ANSWER HERE" in student.source
+
+
+def test_unbalanced_markers_are_an_error():
+    with pytest.raises(ValueError, match="without"):
+        workbook.make_student(_nb(nbformat.v4.new_code_cell("### BEGIN SOLUTION\nx = 1")))
+
+
+def test_header_pins_match_pyproject_and_never_install_torch():
+    cells = workbook.header_cells("00_setup.ipynb", "00 Setup")
+    pins = workbook.pinned_versions()
+    assert f"peft=={pins['peft']}" in cells[1].source
+    assert f"transformers=={pins['transformers']}" in cells[1].source
+    assert "torch==" not in cells[1].source
+    assert "colab.research.google.com/github/" in cells[0].source
+
+
+def test_notebooks_are_current_with_solutions():
+    stale = workbook.sync_all(check_only=True)
+    assert not stale, f"run `make notebooks`: stale {stale}"
+
+
+def test_every_solution_exercise_has_a_region_and_a_check():
+    for path in sorted(workbook.SOLUTIONS.glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+        assert code.count(workbook.BEGIN_SOLUTION) == code.count(workbook.END_SOLUTION), path.name
+        if workbook.BEGIN_SOLUTION in code:
+            assert "check_" in code, f"{path.name} has an exercise but calls no checker"

@@ -1,0 +1,118 @@
+"""Supervised fine-tuning: conversations to masked training examples, a collator, a plain PyTorch loop.
+
+Label masking: the loss is computed only on the assistant's tokens. Every other position gets the label
+``-100``, which ``torch.nn.functional.cross_entropy`` (and so every transformers model) skips.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from utils.metrics import IGNORE_INDEX
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], max_length: int | None = None) -> dict[str, list[int]]:
+    """Render ``messages`` with the chat template; labels are the token ids on the assistant's tokens
+    and ``-100`` elsewhere.
+
+    Raises ValueError for a conversation that does not end with an assistant message, an empty
+    assistant answer, or one longer than ``max_length`` tokens (a truncated answer would teach the
+    model to stop mid-answer; drop or shorten such rows before training).
+    """
+    if not messages or messages[-1].get("role") != "assistant":
+        last = messages[-1].get("role") if messages else None
+        raise ValueError(f"The conversation must end with an assistant message to learn from; it ends with {last!r}.")
+    for m in messages:
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise ValueError("An assistant message is empty: there is nothing to learn from it.")
+    out = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    input_ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    if not any(mask):
+        raise ValueError("The chat template marks no assistant tokens (it needs a {% generation %} block).")
+    if max_length is not None and len(input_ids) > max_length:
+        raise ValueError(f"The conversation has {len(input_ids)} tokens, more than max_length={max_length}.")
+    labels = [t if m else IGNORE_INDEX for t, m in zip(input_ids, mask, strict=True)]
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def tokenize_rows(tokenizer, rows, max_length: int | None = None, mask_prompt: bool = True) -> list[dict]:
+    """Tokenize every row's ``messages``. With ``mask_prompt=False`` the loss covers all tokens
+    (the ablation of chapter 01)."""
+    examples = []
+    for row in rows:
+        ex = tokenize_conversation(tokenizer, row["messages"], max_length)
+        if not mask_prompt:
+            ex["labels"] = list(ex["input_ids"])
+        examples.append(ex)
+    return examples
+
+
+def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of examples to the longest one: padding gets attention 0 and label -100."""
+    width = max(len(e["input_ids"]) for e in examples)
+    batch = {
+        "input_ids": torch.full((len(examples), width), pad_token_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(examples), width), dtype=torch.long),
+        "labels": torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long),
+    }
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        for key in batch:
+            batch[key][i, :n] = torch.tensor(e[key])
+    return batch
+
+
+def train_loop(
+    model,
+    examples: list[dict],
+    pad_token_id: int,
+    epochs: int = 3,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    warmup_steps: int = 20,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    seed: int = 0,
+    log_every: int = 20,
+) -> list[dict]:
+    """Plain PyTorch SFT: AdamW, linear warmup then linear decay to zero, gradient clipping.
+
+    Returns the history as ``[{"step", "loss", "lr", "seconds"}]``, one entry every ``log_every`` steps.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("The model has no trainable parameters (every requires_grad is False).")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(examples) / batch_size)
+    total = steps_per_epoch * epochs
+
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total - step) / max(1, total - warmup_steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    history, step, start = [], 0, time.time()
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(examples), generator=gen).tolist()
+        for b in range(steps_per_epoch):
+            batch = collate([examples[i] for i in order[b * batch_size : (b + 1) * batch_size]], pad_token_id)
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step % log_every == 0 or step == total:
+                history.append(
+                    {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0], "seconds": time.time() - start}
+                )
+    model.eval()
+    return history
