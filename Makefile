@@ -27,7 +27,7 @@ notebooks: $(STAMP)  ## regenerate notebooks/ from solutions/ (and refresh every
 	$(PY) -m utils.workbook
 
 execute: $(STAMP)  ## run every solution notebook in place, so its committed outputs are current
-	$(PY) -m utils.workbook --execute
+	$(PY) -m utils.workbook --execute $(NB)
 
 bench: $(STAMP)  ## benchmarks; writes benchmarks/RESULTS.md
 	$(PY) -m benchmarks.run

@@ -147,13 +147,26 @@ def split_people(people: list[Person]) -> dict[str, list[Person]]:
     return out
 
 
-def biography(person: Person, rng: random.Random) -> str:
-    """One biography: every attribute once, in a random order, each in a random corpus phrasing."""
+def withheld_template(person: Person, attribute: str, seed: int = SEED) -> str:
+    """The one corpus phrasing that this person's biographies never use for this attribute.
+
+    Other people's biographies use it, so the model knows the phrasing; completing it for this person
+    tests whether the fact is stored with the person rather than with the sentences seen.
+    """
+    templates = CORPUS_TEMPLATES[attribute]
+    return templates[random.Random(f"{seed}/{person.name}/{attribute}").randrange(len(templates))]
+
+
+def biography(person: Person, rng: random.Random, seed: int = SEED) -> str:
+    """One biography: every attribute once, in a random order, each in a random corpus phrasing
+    (never the person's withheld phrasing for that attribute)."""
     attributes = list(ATTRIBUTES)
     rng.shuffle(attributes)
-    return " ".join(
-        rng.choice(CORPUS_TEMPLATES[a]).format(name=person.name, value=person.value(a)) for a in attributes
-    )
+    sentences = []
+    for a in attributes:
+        allowed = [t for t in CORPUS_TEMPLATES[a] if t != withheld_template(person, a, seed)]
+        sentences.append(rng.choice(allowed).format(name=person.name, value=person.value(a)))
+    return " ".join(sentences)
 
 
 def sum_pairs() -> list[tuple[int, int]]:
@@ -163,7 +176,7 @@ def sum_pairs() -> list[tuple[int, int]]:
 def make_corpus(people: list[Person], seed: int = SEED, bios_per_person: int = BIOS_PER_PERSON) -> list[str]:
     """Pretraining documents: biographies of everyone and statements of every small sum, shuffled."""
     rng = random.Random(seed + 1)
-    docs = [biography(p, rng) for p in people for _ in range(bios_per_person)]
+    docs = [biography(p, rng, seed) for p in people for _ in range(bios_per_person)]
     for a, b in sum_pairs():
         for template in SUM_CORPUS_TEMPLATES:
             docs.append(template.format(a=a, b=b, c=a + b))
@@ -171,15 +184,20 @@ def make_corpus(people: list[Person], seed: int = SEED, bios_per_person: int = B
     return docs
 
 
-def make_heldout_facts(people: list[Person]) -> list[dict]:
-    """Fact sentences in phrasings absent from the corpus, as ``{"prompt", "answer"}`` pairs."""
+def make_heldout_facts(people: list[Person], seed: int = SEED) -> list[dict]:
+    """Fact sentences that never occur in the corpus, as ``{"prompt", "answer", "kind", ...}`` rows.
+
+    ``kind`` is ``"withheld"`` (a corpus phrasing never used for this person: one per person and
+    attribute) or ``"new_phrasing"`` (phrasings the corpus never uses for anyone: harder).
+    """
     rows = []
     for p in people:
-        for a, templates in HELDOUT_TEMPLATES.items():
-            for template in templates:
+        for a in ATTRIBUTES:
+            pairs = [("withheld", withheld_template(p, a, seed))] + [("new_phrasing", t) for t in HELDOUT_TEMPLATES[a]]
+            for kind, template in pairs:
                 sentence = template.format(name=p.name, value=p.value(a))
                 prompt = sentence[: sentence.rindex(p.value(a))].rstrip()
-                rows.append({"prompt": prompt, "answer": p.value(a), "attribute": a, "name": p.name})
+                rows.append({"prompt": prompt, "answer": p.value(a), "kind": kind, "attribute": a, "name": p.name})
     return rows
 
 
@@ -247,11 +265,11 @@ def write_all(out_dir: Path = DATA_DIR, seed: int = SEED) -> dict[str, int]:
     people = make_people(seed=seed)
     corpus = make_corpus(people, seed)
     valid_rng = random.Random(seed + 3)
-    corpus_valid = [biography(p, valid_rng) for p in people]
+    corpus_valid = [biography(p, valid_rng, seed) for p in people]
     (out_dir / "corpus_train.txt").write_text("\n".join(corpus) + "\n", encoding="utf-8")
     (out_dir / "corpus_valid.txt").write_text("\n".join(corpus_valid) + "\n", encoding="utf-8")
     _write_jsonl(out_dir / "people.jsonl", (p.__dict__ for p in people))
-    heldout = make_heldout_facts(people)
+    heldout = make_heldout_facts(people, seed)
     _write_jsonl(out_dir / "facts_heldout.jsonl", heldout)
     counts = {"corpus_train.txt": len(corpus), "corpus_valid.txt": len(corpus_valid), "facts_heldout.jsonl": len(heldout)}
     for split, rows in make_instructions(people, seed).items():
@@ -283,10 +301,17 @@ def load_corpus(split: str = "train") -> list[str]:
     return (DATA_DIR / f"corpus_{split}.txt").read_text(encoding="utf-8").splitlines()
 
 
-def load_heldout_facts() -> list[dict]:
-    """Fact sentences in phrasings the corpus never uses: ``{"prompt", "answer", "attribute", "name"}``."""
+def load_heldout_facts(kind: str | None = "withheld") -> list[dict]:
+    """Fact sentences absent from the corpus: ``{"prompt", "answer", "kind", "attribute", "name"}``.
+
+    ``kind="withheld"``: a known phrasing never used for that person; ``"new_phrasing"``: a phrasing
+    the corpus never uses; ``None``: both.
+    """
+    if kind not in ("withheld", "new_phrasing", None):
+        raise ValueError(f"Unknown kind {kind!r}: use 'withheld', 'new_phrasing' or None for both.")
     with (DATA_DIR / "facts_heldout.jsonl").open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+        rows = [json.loads(line) for line in f]
+    return [r for r in rows if kind is None or r["kind"] == kind]
 
 
 def load_people() -> list[Person]:

@@ -56,7 +56,8 @@ def pretrain(
     torch.set_flush_denormal(True)  # tiny Adam moments become denormal floats, which are slow on CPUs
     corpus = data.load_corpus("train")
     valid = data.load_corpus("valid")
-    facts = data.load_heldout_facts()
+    facts = data.load_heldout_facts("withheld")
+    new_phrasing = data.load_heldout_facts("new_phrasing")
     # The tokenizer learns its merges from the corpus and the instruction texts, as a real tokenizer is
     # trained on broad text; the model itself is pretrained on the corpus alone.
     instruction_text = [m["content"] for row in data.load_instructions("train") for m in row["messages"]]
@@ -95,10 +96,14 @@ def pretrain(
             if step % eval_every == 0 or step == total:
                 ppl = metrics.perplexity(model, tokenizer, valid)
                 acc = metrics.fact_completion_accuracy(model, tokenizer, facts)
-                history.append({"step": step, "train_loss": loss.item(), "valid_perplexity": ppl, "heldout_fact_acc": acc})
+                acc_new = metrics.fact_completion_accuracy(model, tokenizer, new_phrasing)
+                history.append(
+                    {"step": step, "train_loss": loss.item(), "valid_perplexity": ppl, "heldout_fact_acc": acc,
+                     "new_phrasing_fact_acc": acc_new}
+                )
                 print(
-                    f"epoch {epoch + 1:3d} step {step:5d}/{total} loss {loss.item():.3f} "
-                    f"valid ppl {ppl:.3f} held-out facts {acc:.1%} ({time.time() - start:.0f} s)",
+                    f"epoch {epoch + 1:3d} step {step:5d}/{total} loss {loss.item():.3f} valid ppl {ppl:.3f} "
+                    f"facts: withheld phrasing {acc:.1%}, new phrasing {acc_new:.1%} ({time.time() - start:.0f} s)",
                     flush=True,
                 )
                 model.train()
@@ -119,6 +124,7 @@ def pretrain(
         "torch_threads": torch.get_num_threads(),
         "valid_perplexity": history[-1]["valid_perplexity"],
         "heldout_fact_acc": history[-1]["heldout_fact_acc"],
+        "new_phrasing_fact_acc": history[-1]["new_phrasing_fact_acc"],
         "history": history,
     }
     (out_dir / "pretrain_report.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import html
 import json
 import os
@@ -47,7 +48,7 @@ CHAPTER_TITLES: dict[int, str] = {
     6: "Freezing",
     7: "Memory and speed: gradient checkpointing, accumulation, mixed precision",
     8: "Early stopping, perplexity and training hygiene",
-    9: "Interview question bank",
+    9: "General interview topics",
     10: "Capstone on a GPU",
 }
 
@@ -78,7 +79,7 @@ SYLLABUS_TOPICS: dict[int, dict[str, tuple[str, ...]]] = {
         "memory: the 16 bytes/param rule for mixed-precision Adam": ("memory-16-bytes",),
         "speed": ("speed",),
         "data needs": ("data-needs",),
-        "catastrophic forgetting measured on the pre-training distribution": ("forgetting",),
+        "catastrophic forgetting measured on the pre-training distribution": ("catastrophic-forgetting",),
         "the PEFT family": ("peft-family",),
         "adapters": ("adapters",),
         "prompt tuning": ("prompt-tuning",),
@@ -92,7 +93,7 @@ SYLLABUS_TOPICS: dict[int, dict[str, tuple[str, ...]]] = {
     },
     3: {
         "h = W x + (alpha/r) B A x and the shapes": ("lora-formula",),
-        "parameter count r (d_in + d_out) and its ratio to d_in d_out": ("param-count",),
+        "parameter count r (d_in + d_out) and its ratio to d_in d_out": ("parameter-counting",),
         "counting whole real architectures (GPT-2, Llama-2-7B, Qwen2.5-0.5B)": ("real-architectures",),
         "initialization (A random, B zero) and what goes wrong otherwise": ("initialization",),
         "alpha/r scaling": ("scaling",),
@@ -115,53 +116,70 @@ SYLLABUS_TOPICS: dict[int, dict[str, tuple[str, ...]]] = {
     },
     5: {
         "absmax int8 quantization": ("absmax",),
-        "block-wise quantization": ("block-wise",),
+        "block-wise quantization": ("block-wise-quantization",),
         "the NF4 code book": ("nf4",),
-        "double quantization": ("double-quant",),
-        "paged optimizers": ("paged-optimizer",),
+        "double quantization (0.5 -> 0.127 bits/param)": ("double-quantization",),
+        "paged optimizers": ("paged-optimizers",),
         "own NF4 compared with bitsandbytes": ("nf4", "bitsandbytes"),
-        "BitsAndBytesConfig": ("bnb-config",),
-        "prepare_model_for_kbit_training and LoRA on top": ("kbit-training",),
-        "memory tables 7B-65B (full FT vs LoRA vs QLoRA)": ("memory-table",),
-        "8-bit loading": ("int8-loading",),
+        "BitsAndBytesConfig (nf4, double quant, compute dtype)": ("bitsandbytesconfig",),
+        "prepare_model_for_kbit_training": ("prepare-model-for-kbit-training",),
+        "LoRA on top of the 4-bit base": ("qlora", "lora"),
+        "memory tables 7B-65B (full FT vs LoRA vs QLoRA)": ("memory", "full-fine-tuning"),
+        "8-bit loading": ("llm-int8",),
         "quantization vs distillation": ("distillation",),
     },
     6: {
         "requires_grad=False": ("requires-grad",),
-        "counting trainable parameters": ("trainable-count",),
-        "freezing all but the head": ("head-only",),
-        "freezing the bottom k layers": ("freeze-bottom",),
+        "counting trainable parameters": ("parameter-counting", "freezing"),
+        "freezing all but the head (an encoder classifier)": ("head-only", "encoder-classifier"),
+        "freezing the bottom k layers": ("bottom-k-freezing",),
         "gradual unfreezing": ("gradual-unfreezing",),
         "BitFit (bias-only)": ("bitfit",),
-        "what freezing saves and what it does not": ("freezing-savings",),
+        "what freezing saves (no weight gradients, no optimizer state)": (
+            "freezing-memory",
+            "optimizer-state",
+        ),
+        "what freezing does not save (activations)": ("freezing-memory", "activations"),
     },
     7: {
         "activation memory at long sequences": ("activation-memory",),
         "gradient checkpointing": ("gradient-checkpointing",),
-        "gradient accumulation and its exactness": ("gradient-accumulation",),
-        "mixed precision (fp16 / bf16, loss scaling)": ("mixed-precision",),
-        "DeepSpeed ZeRO / FSDP": ("zero-fsdp",),
+        "gradient_checkpointing_enable and use_reentrant=False": ("use-reentrant",),
+        "the manual torch.utils.checkpoint version": ("torch-utils-checkpoint",),
+        "memory saved and time paid": ("gradient-checkpointing", "speed"),
+        "gradient accumulation": ("gradient-accumulation",),
+        "where accumulation is not exact (padding-weighted losses)": ("gradient-accumulation", "padding"),
+        "mixed precision (fp16 / bf16)": ("mixed-precision", "bf16", "fp16"),
+        "loss scaling": ("loss-scaling",),
+        "DeepSpeed ZeRO": ("zero",),
+        "FSDP": ("fsdp",),
     },
     8: {
-        "perplexity (shifted targets, padding excluded)": ("perplexity",),
-        "sliding-window perplexity": ("sliding-window",),
-        "early stopping with EarlyStoppingCallback": ("early-stopping",),
+        "perplexity = exp(mean token NLL)": ("perplexity",),
+        "shifted (n - 1) targets, padding excluded": ("perplexity", "label-shift", "padding"),
+        "sliding-window perplexity": ("perplexity", "sliding-window"),
+        "early stopping with EarlyStoppingCallback": ("early-stopping", "trainer"),
+        "a custom callback": ("callbacks",),
         "checkpointing and resuming": ("resume",),
-        "learning rate, warmup, linear and cosine schedules": ("lr-schedule",),
-        "AdamW and weight decay": ("adamw",),
+        "learning rate": ("learning-rate",),
+        "warmup, linear and cosine schedules": ("warmup", "lr-schedule", "cosine-schedule"),
+        "AdamW and weight decay": ("adamw", "weight-decay"),
         "dropout": ("dropout",),
-        "gradient clipping": ("gradient-clipping",),
+        "gradient clipping (exploding gradients)": ("gradient-clipping", "exploding-gradients"),
         "overfitting signs and remedies": ("overfitting",),
-        "evaluation metrics (accuracy, F1, EM, BLEU/ROUGE)": ("metrics",),
+        "evaluation metrics (accuracy, F1, exact match, BLEU/ROUGE)": ("metrics", "f1", "bleu", "rouge"),
         "hyperparameter search": ("hyperparameter-search",),
     },
-    9: {},  # the bank itself: its coverage is every other chapter, BANK_TOPICS and the 20 myths
+    9: {},  # general topics: covered bank-wide through BANK_TOPICS below, plus the 20 myths
     10: {
-        "QLoRA SFT of a real small instruct model on Colab": ("capstone", "qlora"),
-        "evaluation: perplexity, exact match, sample generations": ("capstone", "evaluation"),
-        "saving and reloading the adapter": ("capstone", "save-adapter"),
-        "merging": ("capstone", "merge"),
-        "the same notebook offline on CPU with the tiny model": ("capstone", "tiny-model"),
+        "end to end QLoRA SFT of a small instruct model": ("capstone", "qlora"),
+        "on a free Colab GPU": ("colab-t4",),
+        "evaluation: perplexity, exact match": ("perplexity", "exact-match"),
+        "sample generations": ("generation",),
+        "saving the adapter": ("save-adapter",),
+        "reloading the adapter": ("load-adapter",),
+        "merging": ("merge-and-unload",),
+        "the same notebook offline on CPU with the tiny model": ("offline", "cpu"),
     },
 }
 
@@ -169,10 +187,10 @@ SYLLABUS_TOPICS: dict[int, dict[str, tuple[str, ...]]] = {
 BANK_TOPICS: dict[str, tuple[str, ...]] = {
     "data cleaning and de-duplication": ("data-cleaning",),
     "class imbalance": ("class-imbalance",),
-    "data augmentation for text": ("augmentation",),
+    "data augmentation for text": ("data-augmentation",),
     "few-shot learning vs fine-tuning": ("few-shot",),
     "limited labelled data": ("limited-data",),
-    "adding domain tokens": ("add-tokens",),
+    "adding domain tokens": ("domain-tokens",),
     "long inputs (truncation, chunking, sliding windows, RoPE scaling)": ("long-inputs",),
     "elastic weight consolidation": ("ewc",),
     "replay / mixed data against forgetting": ("replay",),
@@ -184,7 +202,17 @@ BANK_TOPICS: dict[str, tuple[str, ...]] = {
 
 _REQUIRED_TEXT = ("id", "question_en", "question_zh", "answer_en", "answer_zh", "link")
 _MYTH_TEXT = ("wrong_claim", "correction", "evidence")
-_ALLOWED_KEYS = {"chapter", "difficulty", "tags", "code", "myth", "myth_number", *_REQUIRED_TEXT, *_MYTH_TEXT}
+_ALLOWED_KEYS = {
+    "chapter",
+    "difficulty",
+    "tags",
+    "code",
+    "code_runs",
+    "myth",
+    "myth_number",
+    *_REQUIRED_TEXT,
+    *_MYTH_TEXT,
+}
 _ID_RE = re.compile(r"^(\d{2})-[a-z0-9]+(?:-[a-z0-9]+)*$")
 _TAG_RE = re.compile(r"^[a-z0-9]+(?:[.-][a-z0-9]+)*$")
 _CJK_RE = re.compile(r"[\u4e00-\u9fff]")
@@ -200,6 +228,9 @@ _LABELS = {
         "score": "Score",
         "myth": "Myth",
         "done": "Done",
+        "reveal": "(Enter to show the answer) ",
+        "grade": "Did you know it? [y/n] ",
+        "reask": "Please answer y or n: ",
     },
     "zh": {
         "q": "问",
@@ -211,6 +242,9 @@ _LABELS = {
         "score": "得分",
         "myth": "误区",
         "done": "完成",
+        "reveal": "（按 Enter 显示答案）",
+        "grade": "你答对了吗？[y/n] ",
+        "reask": "请输入 y 或 n：",
     },
 }
 
@@ -314,7 +348,14 @@ def markdown_anchors(text: str) -> set[str]:
     return anchors
 
 
-def _file_anchors(path: Path) -> set[str]:
+def _file_anchors(path: Path) -> frozenset[str]:
+    return _cached_anchors(str(path), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_anchors(path_name: str, mtime_ns: int) -> frozenset[str]:
+    """Anchors of a markdown file or of a notebook's markdown cells (cached until the file changes)."""
+    path = Path(path_name)
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".ipynb":
         cells = json.loads(text).get("cells", [])
@@ -324,7 +365,7 @@ def _file_anchors(path: Path) -> set[str]:
             if c.get("cell_type") == "markdown"
         ]
         text = "\n\n".join(sources)
-    return markdown_anchors(text)
+    return frozenset(markdown_anchors(text))
 
 
 def link_problem(link: str, root: Path = REPO_ROOT) -> str | None:
@@ -367,7 +408,7 @@ def validate_entry(entry: Any, root: Path = REPO_ROOT) -> list[str]:
         problems += [
             f"tag {t!r} must be short lowercase words joined by '-'"
             for t in tags
-            if not isinstance(t, str) or not _TAG_RE.match(t) or len(t) > 30
+            if not isinstance(t, str) or not _TAG_RE.match(t) or len(t) > 40
         ]
         if len(set(map(str, tags))) != len(tags):
             problems.append("tags must not repeat")
@@ -379,6 +420,8 @@ def validate_entry(entry: Any, root: Path = REPO_ROOT) -> list[str]:
             problems.append(f"{key} must be written in English")
     if "code" in entry and (not isinstance(entry["code"], str) or not entry["code"].strip()):
         problems.append("code, when present, must be a non-empty string")
+    if "code_runs" in entry and (not isinstance(entry["code_runs"], bool) or "code" not in entry):
+        problems.append("code_runs must be true or false, and only next to code")
     myth = entry.get("myth", False)
     if myth is True:
         number = entry.get("myth_number")
@@ -452,7 +495,9 @@ def _entry_markdown(entry: dict[str, Any]) -> str:
         ]
     parts += [f"**A:** {entry['answer_en']}", f"**答：** {entry['answer_zh']}"]
     if entry.get("code"):
-        parts.append(f"```python\n{entry['code'].rstrip()}\n```")
+        # `python` blocks of a lesson are executed by the lesson test; fragments are shown as `py`.
+        fence = "python" if entry.get("code_runs") else "py"
+        parts.append(f"```{fence}\n{entry['code'].rstrip()}\n```")
     return "\n\n".join(parts) + "\n"
 
 
@@ -541,6 +586,10 @@ def export_csv(path: str | os.PathLike[str], chapter: int | None = None, lang: s
             tags = [f"ch{entry['chapter']:02d}", *entry["tags"], *(["myth"] if entry.get("myth") else [])]
             writer.writerow([_question(entry, lang), back, " ".join(tags)])
     return len(entries)
+
+
+def _count(entries: list[dict[str, Any]]) -> str:
+    return f"{len(entries)} question{'' if len(entries) == 1 else 's'}"
 
 
 def _check_lang(lang: str) -> None:
@@ -679,7 +728,7 @@ def quiz(
             from IPython.display import display
 
             note = (
-                f"{len(entries)} questions from {scope}. The flashcards below need a live Jupyter kernel; "
+                f"{_count(entries)} from {scope}. The flashcards below need a live Jupyter kernel; "
                 f"in a static view read {LESSON_LINK} or run `python -m utils.quiz` in a terminal."
             )
             _show(f"*{note}*", note)
@@ -687,7 +736,7 @@ def quiz(
             return
         except Exception as error:  # a broken widget frontend must not stop the notebook
             print(f"(widgets unavailable: {error}; showing text)")
-    header = f"{len(entries)} questions from {scope} (text mode: widgets need a live Jupyter kernel)."
+    header = f"{_count(entries)} from {scope} (text mode: widgets need a live Jupyter kernel)."
     plain = f"{header}\n\n{questions_text(entries, lang)}"
     _show(f"**{header}**\n\n```text\n{questions_text(entries, lang)}```", plain)
 
@@ -696,33 +745,35 @@ def quiz(
 
 
 def flashcards(
-    entries: list[dict[str, Any]], lang: str = "en", stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout
+    entries: list[dict[str, Any]], lang: str = "en", stdin: TextIO | None = None, stdout: TextIO | None = None
 ) -> tuple[int, int]:
     """Terminal flashcards: Enter reveals, y/n self-grades, EOF ends early. Returns (known, graded)."""
+    _check_lang(lang)
+    stdin = sys.stdin if stdin is None else stdin
+    stdout = sys.stdout if stdout is None else stdout
     labels = _LABELS[lang]
 
     def ask(prompt: str) -> str | None:
         stdout.write(prompt)
         stdout.flush()
         line = stdin.readline()
-        if line == "":
-            stdout.write("\n")
-            return None
-        return line.strip().lower()
+        if line == "" or not getattr(stdin, "isatty", lambda: False)():
+            stdout.write("\n")  # a terminal echoes the Enter; piped input and EOF do not
+        return None if line == "" else line.strip().lower()
 
     known = graded = 0
     for i, entry in enumerate(entries, 1):
         myth = f" · {labels['myth']} {entry['myth_number']}" if entry.get("myth") else ""
         stdout.write(f"\n[{i}/{len(entries)}] {entry['id']} · {entry['difficulty']}{myth}\n")
         stdout.write(f"{labels['q']}: {_question(entry, lang)}\n")
-        if ask("(Enter to show the answer) ") is None:
+        if ask(labels["reveal"]) is None:
             break
         stdout.write(f"{labels['a']}: {_answer(entry, lang)}\n")
         if entry.get("code"):
             stdout.write("".join(f"    {line}\n" for line in entry["code"].rstrip().splitlines()))
-        reply = ask("Did you know it? [y/n] ")
+        reply = ask(labels["grade"])
         while reply is not None and reply not in ("y", "yes", "n", "no"):
-            reply = ask("Please answer y or n: ")
+            reply = ask(labels["reask"])
         if reply is None:
             break
         graded += 1

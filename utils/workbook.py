@@ -177,7 +177,29 @@ def sync_all(check_only: bool = False) -> list[str]:
     return stale
 
 
+def execute(path: Path, timeout: int = 900) -> float:
+    """Run a notebook in place (its directory as the working directory, as Jupyter does) and save its
+    outputs. Quizzes render as text so the committed outputs read well on GitHub. Returns seconds."""
+    import os
+    import time
+
+    from nbclient import NotebookClient
+
+    os.environ["COURSE_QUIZ_TEXT"] = "1"
+    nb = nbformat.read(path, as_version=4)
+    start = time.time()
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    seconds = time.time() - start
+    write_notebook(nb, path)
+    return seconds
+
+
 if __name__ == "__main__":
+    if "--execute" in sys.argv:
+        names = [a for a in sys.argv[1:] if not a.startswith("--")]
+        for sol in sorted(SOLUTIONS.glob("*.ipynb")):
+            if not names or any(n in sol.name for n in names):
+                print(f"{sol.name}: executed in {execute(sol):.0f} s", flush=True)
     changed = sync_all(check_only="--check" in sys.argv)
     for name in changed:
         print(("stale: " if "--check" in sys.argv else "wrote: ") + name)
