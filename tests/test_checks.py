@@ -27,7 +27,9 @@ def test_counting_a_tied_embedding_twice_gets_a_pointed_hint(capsys):
 
 def test_forgetting_the_norms_is_named(capsys):
     def no_norms(config):
-        return checks.count_llama_params_reference(config) - config.hidden_size * (2 * config.num_hidden_layers + 1)
+        return checks.count_llama_params_reference(config) - config.hidden_size * (
+            2 * config.num_hidden_layers + 1
+        )
 
     assert checks.check_param_count(no_norms) is False
     assert "normalization" in capsys.readouterr().out

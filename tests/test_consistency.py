@@ -4,10 +4,10 @@ code runs, and every relative link resolves."""
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 LESSONS = sorted((ROOT / "lessons").glob("*.md"))
@@ -16,7 +16,9 @@ SOLUTIONS = sorted((ROOT / "solutions").glob("*.ipynb"))
 
 def _pins_pyproject() -> dict[str, str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    specs = project["dependencies"] + [s for extra in project["optional-dependencies"].values() for s in extra]
+    specs = project["dependencies"] + [
+        s for extra in project["optional-dependencies"].values() for s in extra
+    ]
     return dict(s.lower().split("==") for s in specs)
 
 
@@ -51,7 +53,9 @@ def test_each_chapter_has_lesson_notebook_and_readme_row(solution):
     assert len(lessons) == 1, f"chapter {number} needs exactly one lesson, found {lessons}"
     assert (ROOT / "notebooks" / solution.name).exists()
     readme = (ROOT / "README.md").read_text()
-    row = [line for line in readme.splitlines() if line.startswith("|") and f"lessons/{lessons[0].name}" in line]
+    row = [
+        line for line in readme.splitlines() if line.startswith("|") and f"lessons/{lessons[0].name}" in line
+    ]
     assert row, f"README course map has no row for {lessons[0].name}"
     assert f"notebooks/{solution.name}" in row[0] and "colab" in row[0].lower()
 
@@ -95,5 +99,7 @@ def test_lesson_code_blocks_run(lesson, tmp_path):
         pytest.skip(f"{lesson.name} has no python blocks")
     script = tmp_path / "lesson.py"
     script.write_text("\n\n".join(blocks))
-    result = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, f"{lesson.name}:\n{result.stderr[-3000:]}"

@@ -32,7 +32,11 @@ def test_heldout_phrasings_never_occur_in_the_corpus():
     for templates in data.HELDOUT_TEMPLATES.values():
         for template in templates:
             before, after = template.split("{name}")
-            stem = after.split("{value}")[0].strip() if len(after.split("{value}")[0].strip()) > 3 else before.strip()
+            stem = (
+                after.split("{value}")[0].strip()
+                if len(after.split("{value}")[0].strip()) > 3
+                else before.strip()
+            )
             assert stem and stem not in corpus, stem
 
 

@@ -17,7 +17,9 @@ def test_perplexity_is_exp_of_token_weighted_mean_nll(tiny):
             logits = model(ids).logits
         total += F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
         count += ids.shape[1] - 1
-    assert metrics.perplexity(model, tok, texts, batch_size=4) == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert metrics.perplexity(model, tok, texts, batch_size=4) == pytest.approx(
+        math.exp(total / count), rel=1e-5
+    )
 
 
 def test_padding_does_not_change_perplexity(tiny):

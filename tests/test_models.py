@@ -23,7 +23,10 @@ def test_parameter_count_matches_the_closed_form(tiny):
 
 def test_chat_template_marks_only_the_answer_and_the_end_token(tiny):
     _, tok = tiny
-    messages = [{"role": "user", "content": "Where does Zusa Wensor live?"}, {"role": "assistant", "content": "Ashfen"}]
+    messages = [
+        {"role": "user", "content": "Where does Zusa Wensor live?"},
+        {"role": "assistant", "content": "Ashfen"},
+    ]
     out = tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
     marked = [t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
     assert tok.decode(marked) == " Ashfen<|end|>"

@@ -197,7 +197,9 @@ def lora_targets(
     chosen = [s for s in layers if target_matches(s.name, target_modules)]
     if not chosen:
         leaves = list(dict.fromkeys(s.name.rsplit(".", 1)[-1] for s in layers))
-        raise ValueError(f"target_modules={target_modules!r} matches no linear layer; there are: {', '.join(leaves)}.")
+        raise ValueError(
+            f"target_modules={target_modules!r} matches no linear layer; there are: {', '.join(leaves)}."
+        )
     return chosen
 
 

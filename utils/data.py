@@ -31,16 +31,61 @@ PEOPLE_SPLIT = {"train": 120, "validation": 40, "test": 40}
 BIOS_PER_PERSON = 24
 MAX_ADDEND = 19  # sums a + b with 0 <= a, b <= MAX_ADDEND
 
-FIRST_SYLLABLES = ["ta", "ru", "mi", "ko", "le", "sa", "vo", "ni", "da", "pe", "lo", "zu", "ba", "ri", "fe", "go"]
+FIRST_SYLLABLES = [
+    "ta",
+    "ru",
+    "mi",
+    "ko",
+    "le",
+    "sa",
+    "vo",
+    "ni",
+    "da",
+    "pe",
+    "lo",
+    "zu",
+    "ba",
+    "ri",
+    "fe",
+    "go",
+]
 LAST_SYLLABLES = ["rin", "dal", "mek", "sor", "vin", "tash", "bel", "kor", "lum", "ney", "pax", "wen"]
 
 CITIES = [
-    "Morvale", "Quenton", "Ashfen", "Dorrin", "Velmora", "Tarsk", "Brisca", "Kelloway",
-    "Umberfall", "Pellin", "Zanthe", "Corvik", "Hollowmere", "Riswick", "Olbany", "Fenwick",
+    "Morvale",
+    "Quenton",
+    "Ashfen",
+    "Dorrin",
+    "Velmora",
+    "Tarsk",
+    "Brisca",
+    "Kelloway",
+    "Umberfall",
+    "Pellin",
+    "Zanthe",
+    "Corvik",
+    "Hollowmere",
+    "Riswick",
+    "Olbany",
+    "Fenwick",
 ]
 JOBS = [
-    "baker", "sailor", "potter", "weaver", "doctor", "farmer", "painter", "miner",
-    "teacher", "tailor", "carpenter", "fisher", "singer", "builder", "gardener", "jeweler",
+    "baker",
+    "sailor",
+    "potter",
+    "weaver",
+    "doctor",
+    "farmer",
+    "painter",
+    "miner",
+    "teacher",
+    "tailor",
+    "carpenter",
+    "fisher",
+    "singer",
+    "builder",
+    "gardener",
+    "jeweler",
 ]
 PETS = ["cat", "dog", "parrot", "goat", "tortoise", "rabbit", "hamster", "owl", "lizard", "ferret"]
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "silver", "white", "black", "brown"]
@@ -103,7 +148,11 @@ QUESTION_TEMPLATES = {
     "pet": ["Which pet does {name} have?", "What animal does {name} keep as a pet?"],
     "color": ["What is the favorite color of {name}?", "Which color does {name} like best?"],
 }
-SUM_CORPUS_TEMPLATES = ["{a} plus {b} is {c}.", "The sum of {a} and {b} is {c}.", "Adding {a} and {b} gives {c}."]
+SUM_CORPUS_TEMPLATES = [
+    "{a} plus {b} is {c}.",
+    "The sum of {a} and {b} is {c}.",
+    "Adding {a} and {b} gives {c}.",
+]
 SUM_QUESTION_TEMPLATES = ["What is {a} plus {b}?", "Compute {a} + {b}."]
 LIST_WORDS = PETS + COLORS + JOBS
 
@@ -193,11 +242,15 @@ def make_heldout_facts(people: list[Person], seed: int = SEED) -> list[dict]:
     rows = []
     for p in people:
         for a in ATTRIBUTES:
-            pairs = [("withheld", withheld_template(p, a, seed))] + [("new_phrasing", t) for t in HELDOUT_TEMPLATES[a]]
+            pairs = [("withheld", withheld_template(p, a, seed))] + [
+                ("new_phrasing", t) for t in HELDOUT_TEMPLATES[a]
+            ]
             for kind, template in pairs:
                 sentence = template.format(name=p.name, value=p.value(a))
                 prompt = sentence[: sentence.rindex(p.value(a))].rstrip()
-                rows.append({"prompt": prompt, "answer": p.value(a), "kind": kind, "attribute": a, "name": p.name})
+                rows.append(
+                    {"prompt": prompt, "answer": p.value(a), "kind": kind, "attribute": a, "name": p.name}
+                )
     return rows
 
 
@@ -271,7 +324,11 @@ def write_all(out_dir: Path = DATA_DIR, seed: int = SEED) -> dict[str, int]:
     _write_jsonl(out_dir / "people.jsonl", (p.__dict__ for p in people))
     heldout = make_heldout_facts(people, seed)
     _write_jsonl(out_dir / "facts_heldout.jsonl", heldout)
-    counts = {"corpus_train.txt": len(corpus), "corpus_valid.txt": len(corpus_valid), "facts_heldout.jsonl": len(heldout)}
+    counts = {
+        "corpus_train.txt": len(corpus),
+        "corpus_valid.txt": len(corpus_valid),
+        "facts_heldout.jsonl": len(heldout),
+    }
     for split, rows in make_instructions(people, seed).items():
         _write_jsonl(out_dir / f"instructions_{split}.jsonl", rows)
         counts[f"instructions_{split}.jsonl"] = len(rows)

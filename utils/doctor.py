@@ -9,8 +9,19 @@ import sys
 
 from utils import env
 
-PACKAGES = ["torch", "transformers", "tokenizers", "peft", "bitsandbytes", "datasets", "accelerate", "ipywidgets",
-            "matplotlib", "jupyterlab", "nbval"]
+PACKAGES = [
+    "torch",
+    "transformers",
+    "tokenizers",
+    "peft",
+    "bitsandbytes",
+    "datasets",
+    "accelerate",
+    "ipywidgets",
+    "matplotlib",
+    "jupyterlab",
+    "nbval",
+]
 
 
 def versions() -> dict[str, str | None]:
@@ -30,7 +41,9 @@ def bitsandbytes_backend() -> str:
     try:
         import bitsandbytes  # noqa: F401
     except Exception as err:  # an import failure is an expected situation on some machines: explain it
-        return f"not importable ({type(err).__name__}: {err}); chapter 05 shows its NF4 reference code instead"
+        return (
+            f"not importable ({type(err).__name__}: {err}); chapter 05 shows its NF4 reference code instead"
+        )
     import torch
 
     if torch.cuda.is_available():
@@ -68,14 +81,22 @@ def report() -> list[str]:
         pins = {}
     for name, version in versions().items():
         want = pins.get(name)
-        mark = "" if version is None or want is None or version.split("+")[0] == want else f"  (course pins {want})"
+        mark = (
+            ""
+            if version is None or want is None or version.split("+")[0] == want
+            else f"  (course pins {want})"
+        )
         lines.append(f"{name:13s} {version or 'MISSING'}{mark}")
         if version is None:
             fixes.append(f"install {name}: run `make lab` or `make test`, which set up .venv")
         elif mark:
-            fixes.append(f"{name} {version} differs from the pinned {want}: results may differ from the book's")
+            fixes.append(
+                f"{name} {version} differs from the pinned {want}: results may differ from the book's"
+            )
     device = env.get_device()
-    lines.append(f"device        {device.type} -> training dtype {str(env.get_dtype(device)).replace('torch.', '')}")
+    lines.append(
+        f"device        {device.type} -> training dtype {str(env.get_dtype(device)).replace('torch.', '')}"
+    )
     if device.type == "cpu":
         lines.append("              no GPU: every notebook runs its CPU default (tiny model, minutes)")
     lines.append(f"colab         {'yes' if env.in_colab() else 'no'}")
@@ -88,7 +109,9 @@ def report() -> list[str]:
     except FileNotFoundError as err:
         fixes.append(str(err))
     lines.append("")
-    lines += ["what to fix:", *[f"  - {f}" for f in fixes]] if fixes else ["nothing to fix: the course is ready."]
+    lines += (
+        ["what to fix:", *[f"  - {f}" for f in fixes]] if fixes else ["nothing to fix: the course is ready."]
+    )
     return lines
 
 

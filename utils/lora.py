@@ -68,13 +68,17 @@ class LoRALinear(nn.Module):
     ) -> None:
         super().__init__()
         if isinstance(base, LoRALinear):
-            raise ValueError("This layer already has a LoRA adapter: adding a second one would nest LoRA in LoRA.")
+            raise ValueError(
+                "This layer already has a LoRA adapter: adding a second one would nest LoRA in LoRA."
+            )
         d_in, d_out = linear_shape(base)
         if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {rank!r}.")
         rank = int(rank)
         if not alpha > 0:
-            raise ValueError(f"alpha must be positive, got {alpha!r} (scaling = alpha / rank would be {alpha}/{rank}).")
+            raise ValueError(
+                f"alpha must be positive, got {alpha!r} (scaling = alpha / rank would be {alpha}/{rank})."
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
         if rank > min(d_in, d_out):
@@ -120,7 +124,9 @@ class LoRALinear(nn.Module):
     def merge(self) -> None:
         """Add ``scaling * B A`` into the base weight, so that a forward pass costs what the base costs."""
         if self.merged:
-            warnings.warn("This LoRA layer is already merged; merging twice would add B A twice.", stacklevel=2)
+            warnings.warn(
+                "This LoRA layer is already merged; merging twice would add B A twice.", stacklevel=2
+            )
             return
         weight = self.base_layer.weight
         weight += self.delta_weight().to(weight.dtype)
@@ -184,12 +190,20 @@ def add_lora(
     matched layer already has LoRA, and ``TypeError`` when a matched module is not a linear layer.
     """
     if isinstance(target_modules, str) and not target_modules:
-        raise ValueError("target_modules is empty: name the linear layers to adapt, e.g. ['q_proj', 'v_proj'].")
+        raise ValueError(
+            "target_modules is empty: name the linear layers to adapt, e.g. ['q_proj', 'v_proj']."
+        )
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
         if not target_modules:
-            raise ValueError("target_modules is empty: name the linear layers to adapt, e.g. ['q_proj', 'v_proj'].")
-    matched = [(name, module) for name, module in model.named_modules() if name and target_matches(name, target_modules)]
+            raise ValueError(
+                "target_modules is empty: name the linear layers to adapt, e.g. ['q_proj', 'v_proj']."
+            )
+    matched = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name and target_matches(name, target_modules)
+    ]
     if not matched:
         raise ValueError(
             f"target_modules={target_modules!r} matches no module of this {type(model).__name__}. "

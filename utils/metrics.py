@@ -29,7 +29,9 @@ def _encode(tokenizer, text: str, prefix_bos: bool) -> list[int]:
 
 
 @torch.no_grad()
-def token_nll(model, tokenizer, texts: list[str], batch_size: int = 32, prefix_bos: bool = True) -> tuple[float, int]:
+def token_nll(
+    model, tokenizer, texts: list[str], batch_size: int = 32, prefix_bos: bool = True
+) -> tuple[float, int]:
     """Summed next-token negative log-likelihood (nats) of ``texts`` and the number of predicted tokens.
 
     A sequence of n tokens has n - 1 predicted targets (each token predicts the next); padding is never
@@ -51,9 +53,13 @@ def token_nll(model, tokenizer, texts: list[str], batch_size: int = 32, prefix_b
             input_ids[i, : len(s)] = torch.tensor(s)
             labels[i, : len(s)] = torch.tensor(s)
             attention_mask[i, : len(s)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits.float()
+        logits = model(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+        ).logits.float()
         targets = labels[:, 1:].to(device)  # shift: position t predicts token t + 1
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        nll = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         total_nll += nll.item()
         total_tokens += int((targets != IGNORE_INDEX).sum())
     return total_nll, total_tokens
@@ -84,7 +90,9 @@ def fact_completion_accuracy(model, tokenizer, facts: list[dict], batch_size: in
         for i, s in enumerate(seqs):
             input_ids[i, : len(s)] = torch.tensor(s)
         mask = (input_ids != tokenizer.pad_token_id).long()
-        predicted = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.argmax(-1).cpu()
+        predicted = (
+            model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.argmax(-1).cpu()
+        )
         for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
             guess = predicted[i, len(p) - 1 : len(p) - 1 + len(a)].tolist()
             correct += guess == a
@@ -113,7 +121,9 @@ def generate_answers(
     try:
         for chunk in _batches(prompts, batch_size):
             texts = [
-                tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                )
                 for p in chunk
             ]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -153,7 +163,9 @@ def exact_match(
     for i, row in enumerate(rows):
         messages = row["messages"]
         if messages[-1]["role"] != "assistant":
-            raise ValueError(f"Row {i}: the last message is from {messages[-1]['role']!r}, not the assistant.")
+            raise ValueError(
+                f"Row {i}: the last message is from {messages[-1]['role']!r}, not the assistant."
+            )
         prompts.append(next(m["content"] for m in messages if m["role"] == "user"))
         references.append(messages[-1]["content"])
     answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)

@@ -106,7 +106,9 @@ def tiny_config(tokenizer):
 
 
 def _looks_like_hub_id(name: str) -> bool:
-    return not Path(name).expanduser().exists() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    return (
+        not Path(name).expanduser().exists() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    )
 
 
 def load_model(

@@ -98,8 +98,13 @@ def pretrain(
                 acc = metrics.fact_completion_accuracy(model, tokenizer, facts)
                 acc_new = metrics.fact_completion_accuracy(model, tokenizer, new_phrasing)
                 history.append(
-                    {"step": step, "train_loss": loss.item(), "valid_perplexity": ppl, "heldout_fact_acc": acc,
-                     "new_phrasing_fact_acc": acc_new}
+                    {
+                        "step": step,
+                        "train_loss": loss.item(),
+                        "valid_perplexity": ppl,
+                        "heldout_fact_acc": acc,
+                        "new_phrasing_fact_acc": acc_new,
+                    }
                 )
                 print(
                     f"epoch {epoch + 1:3d} step {step:5d}/{total} loss {loss.item():.3f} valid ppl {ppl:.3f} "

@@ -14,7 +14,40 @@ import torch
 from utils.metrics import IGNORE_INDEX
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], max_length: int | None = None) -> dict[str, list[int]]:
+def to_messages(row: dict) -> dict:
+    """A prompt/completion row ``{"prompt": str, "completion": str}`` as a conversational row."""
+    missing = {"prompt", "completion"} - set(row)
+    if missing:
+        raise ValueError(
+            f"A prompt/completion row needs the keys prompt and completion; missing {sorted(missing)}."
+        )
+    return {
+        "messages": [
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": row["completion"]},
+        ]
+    }
+
+
+def to_prompt_completion(row: dict) -> dict:
+    """A single-turn conversational row as ``{"prompt", "completion"}`` (a system message is kept in front
+    of the prompt, separated by a blank line)."""
+    messages = row["messages"]
+    if len(messages) < 2 or messages[-1]["role"] != "assistant" or messages[-2]["role"] != "user":
+        raise ValueError(
+            "Only a conversation ending with one user turn and one assistant turn converts to prompt/completion."
+        )
+    if len(messages) > 3 or (len(messages) == 3 and messages[0]["role"] != "system"):
+        raise ValueError(
+            f"A {len(messages)}-message conversation has several turns: keep it in the messages format."
+        )
+    prompt = "\n\n".join(m["content"] for m in messages[:-1])
+    return {"prompt": prompt, "completion": messages[-1]["content"]}
+
+
+def tokenize_conversation(
+    tokenizer, messages: list[dict], max_length: int | None = None
+) -> dict[str, list[int]]:
     """Render ``messages`` with the chat template; labels are the token ids on the assistant's tokens
     and ``-100`` elsewhere.
 
@@ -24,7 +57,9 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int | Non
     """
     if not messages or messages[-1].get("role") != "assistant":
         last = messages[-1].get("role") if messages else None
-        raise ValueError(f"The conversation must end with an assistant message to learn from; it ends with {last!r}.")
+        raise ValueError(
+            f"The conversation must end with an assistant message to learn from; it ends with {last!r}."
+        )
     for m in messages:
         if m["role"] == "assistant" and not m["content"].strip():
             raise ValueError("An assistant message is empty: there is nothing to learn from it.")
@@ -112,7 +147,72 @@ def train_loop(
             step += 1
             if step % log_every == 0 or step == total:
                 history.append(
-                    {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0], "seconds": time.time() - start}
+                    {
+                        "step": step,
+                        "loss": loss.item(),
+                        "lr": sched.get_last_lr()[0],
+                        "seconds": time.time() - start,
+                    }
                 )
     model.eval()
     return history
+
+
+def pack_examples(examples: list[dict], block_size: int) -> list[dict]:
+    """Greedily pack tokenized examples into rows of at most ``block_size`` tokens (first fit, in order).
+
+    Each packed row has ``input_ids``, ``labels``, ``position_ids`` (restarting at 0 for every example,
+    as if each were alone) and ``seq_lengths`` (the lengths of the examples in the row, which
+    ``packed_attention_mask`` turns into a block-diagonal mask). An example never spans two rows.
+    """
+    rows: list[dict] = []
+    current: dict = {"input_ids": [], "labels": [], "position_ids": [], "seq_lengths": []}
+    for i, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        if n > block_size:
+            raise ValueError(f"Example {i} has {n} tokens, more than block_size={block_size}.")
+        if len(current["input_ids"]) + n > block_size:
+            rows.append(current)
+            current = {"input_ids": [], "labels": [], "position_ids": [], "seq_lengths": []}
+        current["input_ids"] += ex["input_ids"]
+        current["labels"] += ex["labels"]
+        current["position_ids"] += list(range(n))
+        current["seq_lengths"].append(n)
+    if current["input_ids"]:
+        rows.append(current)
+    return rows
+
+
+def packed_attention_mask(seq_lengths: list[int], width: int | None = None) -> torch.Tensor:
+    """Boolean attention mask (1, 1, width, width) for one packed row: token i may attend to token j
+    only if both belong to the same example and j <= i. Padding beyond the examples attends to itself
+    only (its label is -100, so it never reaches the loss)."""
+    total = sum(seq_lengths)
+    width = width or total
+    if width < total:
+        raise ValueError(f"width={width} is smaller than the packed length {total}.")
+    segment = torch.cat(
+        [torch.full((n,), i) for i, n in enumerate(seq_lengths)]
+        + [torch.arange(width - total) + len(seq_lengths)]
+    )
+    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+    return ((segment[:, None] == segment[None, :]) & causal)[None, None]
+
+
+def collate_packed(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Batch packed rows: right padding, position ids, and a (batch, 1, width, width) block-diagonal mask."""
+    width = max(len(r["input_ids"]) for r in rows)
+    batch = collate(
+        [
+            {k: r[k] for k in ("input_ids", "labels")} | {"attention_mask": [1] * len(r["input_ids"])}
+            for r in rows
+        ],
+        pad_token_id,
+    )
+    batch["position_ids"] = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["position_ids"])
+        batch["position_ids"][i, :n] = torch.tensor(r["position_ids"])
+        batch["position_ids"][i, n:] = torch.arange(width - n)
+    batch["attention_mask"] = torch.cat([packed_attention_mask(r["seq_lengths"], width) for r in rows])
+    return batch

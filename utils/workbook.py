@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import copy
-import re
 import sys
 from pathlib import Path
 
@@ -30,8 +29,16 @@ BEGIN_SOLUTION, END_SOLUTION = "### BEGIN SOLUTION", "### END SOLUTION"
 BEGIN_HIDDEN, END_HIDDEN = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
 HEADER_TAG = "course-header"
 # Packages Colab lacks or has at other versions; torch is never reinstalled on Colab (its CUDA build is right).
-COLAB_PACKAGES = ("transformers", "tokenizers", "safetensors", "peft", "bitsandbytes", "datasets", "accelerate",
-                  "huggingface_hub")
+COLAB_PACKAGES = (
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "peft",
+    "bitsandbytes",
+    "datasets",
+    "accelerate",
+    "huggingface_hub",
+)
 
 
 def pinned_versions() -> dict[str, str]:
@@ -63,14 +70,14 @@ def header_cells(notebook_name: str, title: str) -> list:
     bootstrap = (
         "# Colab bootstrap: only on Colab, fetch the course and install its pinned packages (not torch).\n"
         "import os, subprocess, sys\n"
-        "if \"google.colab\" in sys.modules and not os.path.isdir(\"utils\"):\n"
-        f"    if not os.path.isdir(\"course\"):\n"
-        f"        subprocess.run([\"git\", \"clone\", \"--depth\", \"1\", \"https://github.com/{COURSE_REPO}\", \"course\"], check=True)\n"
-        "    os.chdir(\"course\")\n"
-        f"    pins = \"{packages}\"\n"
-        "    subprocess.run([sys.executable, \"-m\", \"pip\", \"install\", \"-q\", *pins.split()], check=True)\n"
-        "if os.path.basename(os.getcwd()) in (\"solutions\", \"notebooks\"):\n"
-        "    os.chdir(\"..\")  # run from the repository root, so that `import utils` finds the package\n"
+        'if "google.colab" in sys.modules and not os.path.isdir("utils"):\n'
+        f'    if not os.path.isdir("course"):\n'
+        f'        subprocess.run(["git", "clone", "--depth", "1", "https://github.com/{COURSE_REPO}", "course"], check=True)\n'
+        '    os.chdir("course")\n'
+        f'    pins = "{packages}"\n'
+        '    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *pins.split()], check=True)\n'
+        'if os.path.basename(os.getcwd()) in ("solutions", "notebooks"):\n'
+        '    os.chdir("..")  # run from the repository root, so that `import utils` finds the package\n'
         "sys.path.insert(0, os.getcwd())"
     )
     cells = [nbformat.v4.new_markdown_cell(badge), nbformat.v4.new_code_cell(bootstrap)]
@@ -85,7 +92,9 @@ def refresh_header(nb, notebook_name: str):
     title = first.lstrip("# ").strip()
     body = [c for c in nb.cells if HEADER_TAG not in c.metadata.get("tags", [])]
     new = header_cells(notebook_name, title)
-    for old, fresh in zip([c for c in nb.cells if HEADER_TAG in c.metadata.get("tags", [])], new, strict=False):
+    for old, fresh in zip(
+        [c for c in nb.cells if HEADER_TAG in c.metadata.get("tags", [])], new, strict=False
+    ):
         if old.source == fresh.source:  # keep the executed outputs of an unchanged cell
             fresh.outputs = old.get("outputs", fresh.get("outputs"))
             if "execution_count" in old:
@@ -127,8 +136,10 @@ def make_student(solution) -> nbformat.NotebookNode:
         if cell.cell_type == "code":
             src = _strip_region(cell.source, BEGIN_HIDDEN, END_HIDDEN, None)
             src = _strip_region(
-                src, BEGIN_SOLUTION, END_SOLUTION,
-                "# YOUR CODE HERE\nraise NotImplementedError(\"Exercise: write this part, then run the check below.\")",
+                src,
+                BEGIN_SOLUTION,
+                END_SOLUTION,
+                '# YOUR CODE HERE\nraise NotImplementedError("Exercise: write this part, then run the check below.")',
             )
             src = "\n".join(line for line in src.splitlines() if line.strip() != "# NBVAL_CHECK_OUTPUT")
             cell.source = src
@@ -170,7 +181,9 @@ def sync_all(check_only: bool = False) -> list[str]:
             stale.append(str(student.relative_to(ROOT)))
             if not check_only:
                 student.write_text(want, encoding="utf-8")
-    for orphan in sorted(set(p.name for p in NOTEBOOKS.glob("*.ipynb")) - set(p.name for p in SOLUTIONS.glob("*.ipynb"))):
+    for orphan in sorted(
+        set(p.name for p in NOTEBOOKS.glob("*.ipynb")) - set(p.name for p in SOLUTIONS.glob("*.ipynb"))
+    ):
         stale.append(f"notebooks/{orphan} (no solution)")
         if not check_only:
             (NOTEBOOKS / orphan).unlink()
@@ -188,7 +201,9 @@ def execute(path: Path, timeout: int = 900) -> float:
     os.environ["COURSE_QUIZ_TEXT"] = "1"
     nb = nbformat.read(path, as_version=4)
     start = time.time()
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
     seconds = time.time() - start
     write_notebook(nb, path)
     return seconds
