@@ -17,11 +17,13 @@ import torch
 PROFILES = {
     "cpu-tiny": {
         "model": None,  # None = the course's tiny offline base (utils.models.base_model_path())
+        "dataset": None,  # None = the course's generated instruction data (utils.data.load_instructions)
         "needs_gpu": False,
         "description": "the course's tiny Llama-architecture model and generated data, offline, any CPU",
     },
     "gpu-small": {
         "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "dataset": "HuggingFaceTB/smol-smoltalk",  # conversations in a `messages` column, like the course's
         "needs_gpu": True,
         "description": "a real 135M-parameter instruct model from the Hugging Face hub, for a 16 GB T4 or better",
     },

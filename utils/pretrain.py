@@ -42,7 +42,7 @@ def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -
 
 def pretrain(
     out_dir: Path = models.BASE_DIR,
-    epochs: int = 40,
+    epochs: int = 20,
     block_size: int = 128,
     batch_size: int = 32,
     lr: float = 3e-3,
@@ -54,6 +54,9 @@ def pretrain(
     env.seed_everything(seed)
     env.quiet_library_noise()
     torch.set_flush_denormal(True)  # tiny Adam moments become denormal floats, which are slow on CPUs
+    # One thread: the same bits on any machine (reductions split across threads sum in another order),
+    # and no slowdown when other work shares the cores.
+    torch.set_num_threads(1)
     corpus = data.load_corpus("train")
     valid = data.load_corpus("valid")
     facts = data.load_heldout_facts("withheld")
@@ -139,7 +142,7 @@ def pretrain(
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=models.BASE_DIR)
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()

@@ -65,12 +65,36 @@ def tokenize_conversation(
             raise ValueError("An assistant message is empty: there is nothing to learn from it.")
     out = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
     input_ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
-    if not any(mask):
-        raise ValueError("The chat template marks no assistant tokens (it needs a {% generation %} block).")
+    if not any(mask):  # a template without {% generation %} marks: find the answers by rendering prefixes
+        mask = _assistant_mask_by_prefix(tokenizer, messages, input_ids)
     if max_length is not None and len(input_ids) > max_length:
         raise ValueError(f"The conversation has {len(input_ids)} tokens, more than max_length={max_length}.")
     labels = [t if m else IGNORE_INDEX for t, m in zip(input_ids, mask, strict=True)]
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def _assistant_mask_by_prefix(tokenizer, messages: list[dict], input_ids: list[int]) -> list[int]:
+    """Assistant-token mask for chat templates that have no ``{% generation %}`` block (many hub models):
+    answer i spans from the end of ``template(messages[:i], add_generation_prompt=True)`` to the end of
+    ``template(messages[: i + 1])``. Needs a template whose renderings of prefixes are token prefixes."""
+    mask = [0] * len(input_ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(
+            tokenizer.apply_chat_template(
+                messages[:i], add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+        )
+        end = len(
+            tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, return_dict=True)["input_ids"]
+        )
+        if end > len(input_ids) or start >= end:
+            raise ValueError(
+                "This chat template does not render prefixes consistently; mark answers with {% generation %}."
+            )
+        mask[start:end] = [1] * (end - start)
+    return mask
 
 
 def tokenize_rows(tokenizer, rows, max_length: int | None = None, mask_prompt: bool = True) -> list[dict]:

@@ -95,10 +95,10 @@ def refresh_header(nb, notebook_name: str):
     for old, fresh in zip(
         [c for c in nb.cells if HEADER_TAG in c.metadata.get("tags", [])], new, strict=False
     ):
-        if old.source == fresh.source:  # keep the executed outputs of an unchanged cell
-            fresh.outputs = old.get("outputs", fresh.get("outputs"))
-            if "execution_count" in old:
-                fresh.execution_count = old.execution_count
+        if old.source == fresh.source:  # keep the id and the executed outputs of an unchanged cell
+            if fresh.cell_type == "code":
+                fresh.outputs = old.get("outputs", [])
+                fresh.execution_count = old.get("execution_count")
             fresh.id = old.get("id", fresh.id)
     nb.cells = new + body
     return nb
