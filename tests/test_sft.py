@@ -5,7 +5,12 @@ import torch.nn.functional as F
 from utils import data, sft
 from utils.metrics import IGNORE_INDEX
 
-ROW = {"messages": [{"role": "user", "content": "Where does Zusa Wensor live?"}, {"role": "assistant", "content": "Ashfen"}]}
+ROW = {
+    "messages": [
+        {"role": "user", "content": "Where does Zusa Wensor live?"},
+        {"role": "assistant", "content": "Ashfen"},
+    ]
+}
 
 
 def test_labels_cover_exactly_the_answer_and_its_end_token(tiny):
@@ -68,7 +73,9 @@ def test_collate_pads_with_ignored_labels(tiny):
 
 def test_model_loss_is_the_shifted_mean_over_unmasked_targets(tiny):
     model, tok = tiny
-    batch = sft.collate(sft.tokenize_rows(tok, data.load_instructions("validation").select(range(8))), tok.pad_token_id)
+    batch = sft.collate(
+        sft.tokenize_rows(tok, data.load_instructions("validation").select(range(8))), tok.pad_token_id
+    )
     with torch.no_grad():
         out = model(**batch)
     logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
@@ -86,7 +93,11 @@ def test_packing_fits_blocks_and_the_mask_stops_cross_attention(tiny):
     batch = sft.collate_packed(rows[:1], tok.pad_token_id)
     first, second = rows[0]["seq_lengths"][:2]
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits
+        packed = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+        ).logits
         alone = model(input_ids=torch.tensor([examples[1]["input_ids"]])).logits
         naive = model(input_ids=batch["input_ids"]).logits
     assert torch.allclose(packed[0, first : first + second], alone[0], atol=1e-5)
