@@ -242,3 +242,84 @@ def test_an_adapter_for_other_targets_does_not_load():
 def test_merge_without_adapters_is_an_error():
     with pytest.raises(ValueError, match="no LoRALinear"):
         lora.merge_lora(_model(LLAMA))
+
+
+def test_init_schemes():
+    model = lora.add_lora(_model(LLAMA), ["q_proj"], rank=2, alpha=2)
+    layers = [layer for _, layer in lora.lora_layers(lora.init_lora_(model, "zeros"))]
+    assert all(
+        torch.count_nonzero(lay.lora_A.weight) == 0 and torch.count_nonzero(lay.lora_B.weight) == 0
+        for lay in layers
+    )
+    lora.init_lora_(model, "random")
+    assert all(torch.count_nonzero(lay.lora_B.weight) > 0 for lay in layers)
+    lora.init_lora_(model, "peft")
+    assert all(
+        torch.count_nonzero(lay.lora_B.weight) == 0 and torch.count_nonzero(lay.lora_A.weight) > 0
+        for lay in layers
+    )
+    with pytest.raises(ValueError, match="Unknown scheme"):
+        lora.init_lora_(model, "gaussian")
+
+
+def test_both_zero_gets_no_gradient_and_b_zero_gets_one():
+    model = lora.add_lora(_model(LLAMA), ["q_proj", "v_proj"], rank=2, alpha=4)
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    for scheme, a_moves, b_moves in [("zeros", False, False), ("peft", False, True)]:
+        lora.init_lora_(model, scheme)
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        for _, layer in lora.lora_layers(model):
+            assert bool(layer.lora_A.weight.grad.abs().max() > 0) == a_moves
+            assert bool(layer.lora_B.weight.grad.abs().max() > 0) == b_moves
+
+
+def test_best_rank_k_is_eckart_young():
+    torch.manual_seed(0)
+    M = torch.randn(20, 12, dtype=torch.float64)
+    S = torch.linalg.svdvals(M)
+    for k in (1, 5, 12):
+        approx = lora.best_rank_k(M, k)
+        assert int(torch.linalg.matrix_rank(approx)) == k
+        assert torch.isclose(torch.linalg.norm(M - approx), S[k:].pow(2).sum().sqrt())
+    other = torch.randn(20, 5, dtype=torch.float64) @ torch.randn(5, 12, dtype=torch.float64)
+    assert torch.linalg.norm(M - other) > torch.linalg.norm(M - lora.best_rank_k(M, 5))
+
+
+def test_median_seconds_alternates_and_reports_each():
+    calls = []
+    t = lora.median_seconds(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1
+    )
+    assert set(t) == {"a", "b"} and all(v >= 0 for v in t.values())
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+
+
+# The chapter's exercise checkers: the reference passes, a typical mistake gets a pointed hint.
+
+
+def test_check_lora_forward(capsys):
+    from utils import checks
+
+    assert checks.check_lora_forward(lambda x, W, A, B, a, r: x @ W.T + (a / r) * (x @ A.T) @ B.T) is True
+    assert checks.check_lora_forward(lambda x, W, A, B, a, r: x @ W.T + a * (x @ A.T) @ B.T) is False
+    assert "alpha without dividing by rank" in capsys.readouterr().out
+
+    def not_done(*args):
+        raise NotImplementedError
+
+    assert checks.check_lora_forward(not_done) is None
+    assert "not attempted yet" in capsys.readouterr().out
+
+
+def test_check_rank_k_approx(capsys):
+    from utils import checks
+
+    assert checks.check_rank_k_approx(lora.best_rank_k) is True
+
+    def no_sigma(M, k):
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        return U[:, :k] @ Vh[:k, :]
+
+    assert checks.check_rank_k_approx(no_sigma) is False
+    assert "singular values are missing" in capsys.readouterr().out

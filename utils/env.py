@@ -127,6 +127,11 @@ def quiet_library_noise() -> None:
     # peft and bitsandbytes raise FutureWarnings from inside their own code about their own internals
     # (deprecated torch calls they make); a learner can do nothing about them.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(peft|bitsandbytes)(\..*)?")
+    # peft calls transformers' `is_gradient_checkpointing`, which transformers 5 renamed
+    # `is_activation_checkpointing`; the FutureWarning is raised on peft's behalf, not the learner's.
+    warnings.filterwarnings(
+        "ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning
+    )
     # bitsandbytes logs that it could not fetch optimized kernels from the "kernels-community" hub repo:
     # expected offline, and the CPU code path it falls back to is correct.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -76,7 +76,7 @@ def tokenize_conversation(
 def _assistant_mask_by_prefix(tokenizer, messages: list[dict], input_ids: list[int]) -> list[int]:
     """Assistant-token mask for chat templates that have no ``{% generation %}`` block (many hub models):
     answer i spans from the end of ``template(messages[:i], add_generation_prompt=True)`` to the end of
-    ``template(messages[: i + 1])``. Needs a template whose renderings of prefixes are token prefixes."""
+    ``template(messages[: i + 1])``, less trailing whitespace tokens. Needs a template whose renderings of prefixes are token prefixes."""
     mask = [0] * len(input_ids)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -89,6 +89,8 @@ def _assistant_mask_by_prefix(tokenizer, messages: list[dict], input_ids: list[i
         end = len(
             tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, return_dict=True)["input_ids"]
         )
+        while end > start and not tokenizer.decode(input_ids[end - 1 : end]).strip():
+            end -= 1  # the newline between turns is layout, not part of the answer
         if end > len(input_ids) or start >= end:
             raise ValueError(
                 "This chat template does not render prefixes consistently; mark answers with {% generation %}."
