@@ -141,7 +141,8 @@ def train_loop(
 ) -> list[dict]:
     """Plain PyTorch SFT: AdamW, linear warmup then linear decay to zero, gradient clipping.
 
-    Returns the history as ``[{"step", "loss", "lr", "seconds"}]``, one entry every ``log_every`` steps.
+    Returns the history as ``[{"step", "loss", "lr", "seconds"}]``, one entry every ``log_every`` steps,
+    ``loss`` being the mean over those steps (as ``Trainer`` logs it).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -159,6 +160,7 @@ def train_loop(
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     history, step, start = [], 0, time.time()
+    running, counted = 0.0, 0
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(examples), generator=gen).tolist()
@@ -171,15 +173,17 @@ def train_loop(
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            running, counted = running + loss.item(), counted + 1
             if step % log_every == 0 or step == total:
                 history.append(
                     {
                         "step": step,
-                        "loss": loss.item(),
+                        "loss": running / counted,
                         "lr": sched.get_last_lr()[0],
                         "seconds": time.time() - start,
                     }
                 )
+                running, counted = 0.0, 0
     model.eval()
     return history
 
