@@ -1,5 +1,6 @@
 # The course's commands. Every target sets up .venv first (torch pinned first: a CPU build; then the rest).
 PY      := .venv/bin/python
+LINTED  := $(wildcard utils tests benchmarks)
 STAMP   := .venv/.installed
 TORCH   := torch==2.13.0
 ARGS    ?=
@@ -18,8 +19,8 @@ lab: $(STAMP)  ## open the course in JupyterLab (headless: make lab ARGS="--no-b
 	$(PY) -m jupyter lab --notebook-dir=. $(ARGS)
 
 test: $(STAMP)  ## lint, unit tests, every notebook (solutions and student copies), consistency checks
-	$(PY) -m ruff check utils tests benchmarks
-	$(PY) -m ruff format --check utils tests benchmarks
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
 	$(PY) -m pytest tests -q
 	$(PY) -m pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider solutions notebooks
 
@@ -42,8 +43,8 @@ doctor: $(STAMP)  ## what is installed, which device, what to fix
 	$(PY) -m utils.doctor
 
 lint: $(STAMP)
-	$(PY) -m ruff check --fix utils tests benchmarks
-	$(PY) -m ruff format utils tests benchmarks
+	$(PY) -m ruff check --fix $(LINTED)
+	$(PY) -m ruff format $(LINTED)
 
 clean-venv:
 	rm -rf .venv
