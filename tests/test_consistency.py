@@ -1,6 +1,7 @@
 """The course as a whole: pins agree, every chapter has its three views and its README row, lesson
 code runs, and every relative link resolves."""
 
+import os
 import re
 import subprocess
 import sys
@@ -99,7 +100,8 @@ def test_lesson_code_blocks_run(lesson, tmp_path):
         pytest.skip(f"{lesson.name} has no python blocks")
     script = tmp_path / "lesson.py"
     script.write_text("\n\n".join(blocks))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # `import utils` works even without the editable install
     result = subprocess.run(
-        [sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
     )
     assert result.returncode == 0, f"{lesson.name}:\n{result.stderr[-3000:]}"

@@ -15,8 +15,10 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import statistics
+import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -213,9 +215,12 @@ def add_lora(
         if isinstance(module, LoRALinear):
             raise ValueError(f"{name} already has a LoRA adapter: add_lora was called twice on this layer.")
         if not _is_linear(module):
+            linears = linear_module_names(model)
+            where = (
+                f"Linear layers in this model: {', '.join(linears)}." if linears else "This model has none."
+            )
             raise TypeError(
-                f"{name} is a {type(module).__name__}, not a linear layer: LoRA here adapts nn.Linear / Conv1D. "
-                f"Linear layers in this model: {', '.join(linear_module_names(model))}."
+                f"{name} is a {type(module).__name__}, not a linear layer: LoRA here adapts nn.Linear / Conv1D. {where}"
             )
     for p in model.parameters():
         p.requires_grad_(False)
@@ -281,3 +286,47 @@ def load_peft_adapter(model: nn.Module, peft_state_dict: dict[str, torch.Tensor]
         )
     model.load_state_dict(state, strict=False)
     return model
+
+
+@torch.no_grad()
+def init_lora_(model: nn.Module, scheme: str = "peft", seed: int = 0) -> nn.Module:
+    """Re-initialize every adapter of ``model`` for the initialization experiment; returns ``model``.
+
+    ``"peft"``: A Kaiming-uniform, B zeros (the standard); ``"zeros"``: both zero; ``"random"``: both
+    Kaiming-uniform (B then makes the model differ from the base before any training).
+    """
+    if scheme not in ("peft", "zeros", "random"):
+        raise ValueError(f"Unknown scheme {scheme!r}: choose 'peft', 'zeros' or 'random'.")
+    torch.manual_seed(seed)
+    for _, layer in lora_layers(model):
+        layer.reset_lora_parameters()
+        if scheme == "zeros":
+            nn.init.zeros_(layer.lora_A.weight)
+        elif scheme == "random":
+            nn.init.kaiming_uniform_(layer.lora_B.weight, a=math.sqrt(5))
+    return model
+
+
+def best_rank_k(matrix: torch.Tensor, k: int) -> torch.Tensor:
+    """The closest matrix of rank at most ``k`` to ``matrix`` (Frobenius and spectral norm, Eckart-Young):
+    ``U[:, :k] @ diag(S[:k]) @ Vh[:k, :]``. ``matrix``: (m, n); returns (m, n)."""
+    U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
+    return U[:, :k] @ torch.diag(S[:k]) @ Vh[:k, :]
+
+
+def median_seconds(
+    fns: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 2
+) -> dict[str, float]:
+    """Median wall time in seconds of each function, measured side by side: the functions alternate inside
+    every repeat (and the order flips each time), so a slow moment of a shared machine hits all of them."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for i in range(repeats):
+        for name in names if i % 2 == 0 else reversed(names):
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}

@@ -190,9 +190,18 @@ def sync_all(check_only: bool = False) -> list[str]:
     return stale
 
 
-def execute(path: Path, timeout: int = 900) -> float:
+PEAK_MEMORY_PROBE = (
+    "import resource, sys\n"
+    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform != 'darwin' else 2**30))"
+)
+
+
+def execute(path: Path, timeout: int = 900) -> tuple[float, float]:
     """Run a notebook in place (its directory as the working directory, as Jupyter does) and save its
-    outputs. Quizzes render as text so the committed outputs read well on GitHub. Returns seconds."""
+    outputs. Quizzes render as text so the committed outputs read well on GitHub.
+
+    Returns (seconds, peak resident memory of the kernel in GiB), the numbers of the README's course map.
+    """
     import os
     import time
 
@@ -200,13 +209,16 @@ def execute(path: Path, timeout: int = 900) -> float:
 
     os.environ["COURSE_QUIZ_TEXT"] = "1"
     nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(PEAK_MEMORY_PROBE))  # measured, then removed
     start = time.time()
     NotebookClient(
         nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
     ).execute()
     seconds = time.time() - start
+    probe = nb.cells.pop()
+    peak_gib = float(probe.outputs[0]["text"]) if probe.outputs else float("nan")
     write_notebook(nb, path)
-    return seconds
+    return seconds, peak_gib
 
 
 if __name__ == "__main__":
@@ -214,7 +226,10 @@ if __name__ == "__main__":
         names = [a for a in sys.argv[1:] if not a.startswith("--")]
         for sol in sorted(SOLUTIONS.glob("*.ipynb")):
             if not names or any(n in sol.name for n in names):
-                print(f"{sol.name}: executed in {execute(sol):.0f} s", flush=True)
+                seconds, peak = execute(sol)
+                print(
+                    f"{sol.name}: executed in {seconds:.0f} s, kernel peak memory {peak:.2f} GiB", flush=True
+                )
     changed = sync_all(check_only="--check" in sys.argv)
     for name in changed:
         print(("stale: " if "--check" in sys.argv else "wrote: ") + name)
