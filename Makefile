@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 lab: $(STAMP)  ## open the course in JupyterLab (headless: make lab ARGS="--no-browser")
 	$(PY) -m ipykernel install --user --name finetuning-course --display-name "Python (fine-tuning course)" >/dev/null
-	$(PY) -m jupyter lab --notebook-dir=. $(ARGS)
+	$(PY) -m jupyter lab --notebook-dir=. $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
 
 test: $(STAMP)  ## lint, unit tests, every notebook (solutions and student copies), consistency checks
 	$(PY) -m ruff check $(LINTED)
