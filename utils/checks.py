@@ -284,6 +284,20 @@ def check_rank_k_approx(approx_fn: Callable) -> bool | None:
 # Chapter 04: peft in practice.
 
 
+def _tiny_bert_classifier(num_hidden_layers: int):
+    """A randomly initialized BERT sequence classifier small enough to build in milliseconds."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
+    return BertForSequenceClassification(config)
+
+
 def check_trainable_count(count_fn: Callable) -> bool | None:
     """Check ``count_fn(model) -> (trainable, total)`` against peft's ``get_nb_trainable_parameters()``
     on small peft models (a tied embedding, GQA, a classification head kept as ``modules_to_save``)."""
@@ -291,7 +305,7 @@ def check_trainable_count(count_fn: Callable) -> bool | None:
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     def models():
         torch.manual_seed(0)
@@ -306,15 +320,7 @@ def check_trainable_count(count_fn: Callable) -> bool | None:
                 tie_word_embeddings=True,
             )
         )
-        bert = BertForSequenceClassification(
-            BertConfig(
-                vocab_size=64,
-                hidden_size=16,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                intermediate_size=32,
-            )
-        )
+        bert = _tiny_bert_classifier(num_hidden_layers=1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield "tied Llama", get_peft_model(llama, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
@@ -348,22 +354,13 @@ def check_seq_cls_lora_config(make_config: Callable) -> bool | None:
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import BertConfig, BertForSequenceClassification
 
     def body(fn):
         config = fn()
         if not isinstance(config, LoraConfig):
             raise CheckFailed(f"return a peft LoraConfig, not {type(config).__name__}.")
         torch.manual_seed(0)
-        bert = BertForSequenceClassification(
-            BertConfig(
-                vocab_size=64,
-                hidden_size=16,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=32,
-            )
-        )
+        bert = _tiny_bert_classifier(num_hidden_layers=2)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = get_peft_model(bert, config)
