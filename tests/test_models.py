@@ -70,3 +70,9 @@ def test_saved_model_round_trips(tmp_path, tiny):
     ids = torch.tensor([tok("Zusa Wensor lives in")["input_ids"]])
     assert torch.equal(model(ids).logits, again(ids).logits)
     assert tok2.chat_template == tok.chat_template
+
+
+def test_unreachable_hub_is_reported_at_once(monkeypatch):
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(ConnectionError, match="no connection"):
+        models.load_model("some-org/some-model-that-is-not-cached", device="cpu")

@@ -111,6 +111,40 @@ def _looks_like_hub_id(name: str) -> bool:
     )
 
 
+def _offline_message(source: str, reason: str) -> str:
+    return (
+        f"Could not load {source!r} from the Hugging Face hub: this machine cannot reach it "
+        f"(offline, or a firewall; {reason}). Use the course's offline model instead: load_model() with no "
+        f"argument, or the 'cpu-tiny' profile. Or download the model where there is a network, "
+        f"save it with save_pretrained(dir), and pass that directory."
+    )
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """True when the model's config is already in the local hub cache (loadable offline)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub's endpoint, so that an offline machine is told at once instead of
+    after the hub client's minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def load_model(
     name_or_path: str | Path | None = None,
     device: torch.device | str | None = None,
@@ -130,17 +164,14 @@ def load_model(
     source = str(base_model_path() if name_or_path is None else name_or_path)
     if name_or_path is not None and not _looks_like_hub_id(source) and not Path(source).expanduser().exists():
         raise FileNotFoundError(f"No model directory at {source!r} (and it is not a hub id like 'org/name').")
+    if _looks_like_hub_id(source) and not _in_hub_cache(source) and not _hub_reachable():
+        raise ConnectionError(_offline_message(source, "no connection"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as err:
         if _looks_like_hub_id(source):
-            raise ConnectionError(
-                f"Could not load {source!r} from the Hugging Face hub: this machine cannot reach it "
-                f"(offline, or a firewall). Use the course's offline model instead: load_model() with no "
-                f"argument, or the 'cpu-tiny' profile. Or download the model where there is a network, "
-                f"save it with save_pretrained(dir), and pass that directory. ({type(err).__name__})"
-            ) from None
+            raise ConnectionError(_offline_message(source, type(err).__name__)) from None
         raise
     if tokenizer.pad_token is None:  # many hub tokenizers ship without one; batching needs it
         tokenizer.pad_token = tokenizer.eos_token
