@@ -279,3 +279,146 @@ def human(n: float) -> str:
         return "0"
     exponent = min(int(math.log10(abs(n)) // 3), 4)
     return f"{n / 1000**exponent:.3g} {['', 'K', 'M', 'B', 'T'][exponent]}".strip()
+
+
+# Published architectures, from their config.json files (no download: the numbers are written out here).
+# ``params`` is the total the model card / paper reports, which ``count_params`` reproduces exactly
+# (tests/test_counting.py). LLaMA-1 33B and 65B are the models of the QLoRA paper's memory headline.
+KNOWN_CONFIGS: dict[str, dict] = {
+    "gpt2": {
+        "model_type": "gpt2",
+        "kwargs": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
+        "params": 124_439_808,
+    },
+    "bert-base-uncased": {
+        "model_type": "bert",
+        "kwargs": dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            vocab_size=30522,
+        ),
+        "params": 109_482_240,
+    },
+    "smollm2-135m": {
+        "model_type": "llama",
+        "kwargs": dict(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=49152,
+            tie_word_embeddings=True,
+        ),
+        "params": 134_515_008,
+    },
+    "qwen2.5-0.5b": {
+        "model_type": "qwen2",
+        "kwargs": dict(
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+        ),
+        "params": 494_032_768,
+    },
+    "llama-2-7b": {
+        "model_type": "llama",
+        "kwargs": dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32000,
+            tie_word_embeddings=False,
+        ),
+        "params": 6_738_415_616,
+    },
+    "llama-2-13b": {
+        "model_type": "llama",
+        "kwargs": dict(
+            hidden_size=5120,
+            intermediate_size=13824,
+            num_hidden_layers=40,
+            num_attention_heads=40,
+            num_key_value_heads=40,
+            vocab_size=32000,
+            tie_word_embeddings=False,
+        ),
+        "params": 13_015_864_320,
+    },
+    "llama-33b": {
+        "model_type": "llama",
+        "kwargs": dict(
+            hidden_size=6656,
+            intermediate_size=17920,
+            num_hidden_layers=60,
+            num_attention_heads=52,
+            num_key_value_heads=52,
+            vocab_size=32000,
+            tie_word_embeddings=False,
+        ),
+        "params": 32_528_943_616,
+    },
+    "llama-65b": {
+        "model_type": "llama",
+        "kwargs": dict(
+            hidden_size=8192,
+            intermediate_size=22016,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=64,
+            vocab_size=32000,
+            tie_word_embeddings=False,
+        ),
+        "params": 65_285_660_672,
+    },
+    "llama-2-70b": {
+        "model_type": "llama",
+        "kwargs": dict(
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            vocab_size=32000,
+            tie_word_embeddings=False,
+        ),
+        "params": 68_976_648_192,
+    },
+}
+
+
+def known_config(name: str):
+    """The transformers config of a published architecture in ``KNOWN_CONFIGS`` (``"llama-2-7b"``, ...).
+
+    Build the model on the meta device (``meta_model``) to get its shapes without memory or download."""
+    from transformers import AutoConfig
+
+    key = name.lower()
+    if key not in KNOWN_CONFIGS:
+        raise ValueError(f"Unknown architecture {name!r}: known ones are {', '.join(KNOWN_CONFIGS)}.")
+    entry = KNOWN_CONFIGS[key]
+    return AutoConfig.for_model(entry["model_type"], **entry["kwargs"])
+
+
+def meta_model(config, task: str | None = None):
+    """The model ``config`` describes, built on PyTorch's meta device: every shape, no memory, no download.
+
+    ``task`` as in ``count_params``: ``"causal-lm"`` (decoders' default), ``"seq-cls"`` or ``"base"``."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = {
+        "causal-lm": AutoModelForCausalLM,
+        "seq-cls": AutoModelForSequenceClassification,
+        "base": AutoModel,
+    }[_task(config, task)]
+    with torch.device("meta"):
+        return cls.from_config(config)
