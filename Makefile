@@ -1,6 +1,6 @@
 # The course's commands. Every target sets up .venv first (torch pinned first: a CPU build; then the rest).
 PY      := .venv/bin/python
-LINTED  := $(wildcard utils tests benchmarks)
+LINTED  := $(wildcard utils tests benchmarks solutions)  # solutions/: the code learners read (ruff reads .ipynb)
 STAMP   := .venv/.installed
 TORCH   := torch==2.13.0
 ARGS    ?=
@@ -18,11 +18,11 @@ lab: $(STAMP)  ## open the course in JupyterLab (headless: make lab ARGS="--no-b
 	$(PY) -m ipykernel install --user --name finetuning-course --display-name "Python (fine-tuning course)" >/dev/null
 	$(PY) -m jupyter lab --notebook-dir=. $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
 
-test: $(STAMP)  ## lint, unit tests, every notebook (solutions and student copies), consistency checks
+test: $(STAMP)  ## lint, unit tests, every notebook (solutions and student copies, two at a time), consistency checks
 	$(PY) -m ruff check $(LINTED)
 	$(PY) -m ruff format --check $(LINTED)
-	$(PY) -m pytest tests -q
-	$(PY) -m pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider solutions notebooks
+	$(PY) -m pytest tests -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --nbval-lax --nbval-current-env -p no:cacheprovider solutions notebooks
 
 notebooks: $(STAMP)  ## regenerate notebooks/ from solutions/ (and refresh every notebook's header cells)
 	$(PY) -m utils.workbook

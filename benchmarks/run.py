@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from utils import lora
+from utils import lora, timing
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -74,7 +74,7 @@ def bench_layers(repeats: int) -> list[dict]:
         def step(layer, x=x, grad_out=grad_out):
             return lambda: torch.autograd.backward(layer(x), grad_out)
 
-        t = lora.median_seconds({"ours": step(ours), "peft": step(theirs)}, repeats)
+        t = timing.median_seconds({"ours": step(ours), "peft": step(theirs)}, repeats)
         rows.append(
             {
                 "name": name,
@@ -113,7 +113,7 @@ def bench_inference(repeats: int) -> dict:
     with torch.inference_mode():
         assert (merged(ids).logits - unmerged(ids).logits).abs().max().item() < 1e-3
     models = {"base": base, "merged + unloaded": unloaded, "merged (wrapped)": merged, "unmerged": unmerged}
-    t = lora.median_seconds({name: forward(m) for name, m in models.items()}, repeats)
+    t = timing.median_seconds({name: forward(m) for name, m in models.items()}, repeats)
     return {"tokens": ids.numel(), "config": config, **t}
 
 

@@ -29,7 +29,7 @@ def test_gpu_profile_on_cpu_explains_and_falls_back(capsys):
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
     profile = env.select_profile("gpu-small")
-    assert profile["name"] == "cpu-tiny" and profile["model"] is None
+    assert profile.name == "cpu-tiny" and profile.model_id is None and profile.autocast_dtype is None
     assert "needs a CUDA GPU" in capsys.readouterr().out
 
 
@@ -48,3 +48,42 @@ def test_seed_everything_repeats_random_draws():
 def test_quiet_library_noise_silences_bitsandbytes_kernel_message():
     env.quiet_library_noise()
     assert logging.getLogger("bitsandbytes.backends.cpu.ops").getEffectiveLevel() == logging.ERROR
+
+
+@pytest.mark.parametrize(
+    "capability, dtype",
+    [((7, 5), torch.float16), ((7, 0), torch.float16), ((8, 0), torch.bfloat16), ((8, 9), torch.bfloat16),
+     ((9, 0), torch.bfloat16)],
+    ids=["T4", "V100", "A100", "L4", "H100"],
+)  # fmt: skip
+def test_bf16_is_chosen_by_compute_capability_not_by_emulation(capability, dtype):
+    # torch.cuda.is_bf16_supported() says True on a T4 (emulated); the course trains a T4 in fp16
+    assert env.get_dtype("cuda", capability=capability) == dtype
+    profile = env.make_profile("gpu-small", device="cuda", capability=capability)
+    assert profile.autocast_dtype == dtype and profile.dtype == torch.float32
+
+
+def test_profile_expectations_are_checked_and_unknown_keys_are_errors(capsys):
+    tiny = env.make_profile("cpu-tiny", device="cpu")
+    assert tiny.expect("01.sft_exact_match", 0.85) and not tiny.expect("01.sft_exact_match", 0.5)
+    gpu = env.make_profile("gpu-small", device="cuda", capability=(7, 5))
+    assert gpu.expect("01.sft_exact_match", 0.1)  # never measured on a GPU: said, not asserted
+    assert "not asserted" in capsys.readouterr().out
+    with pytest.raises(KeyError, match="no expectation"):
+        tiny.expect("01.sft_exact_mach", 0.9)
+
+
+def test_every_profile_knows_the_same_expectations():
+    keys = {name: set(p["expectations"]) for name, p in env.PROFILES.items()}
+    assert len({frozenset(k) for k in keys.values()}) == 1, keys
+
+
+def test_setup_notebook_prints_versions_and_sets_one_thread(capsys):
+    before = torch.get_num_threads()
+    try:
+        env.setup_notebook(("torch", "peft"), seed=3)
+        out = capsys.readouterr().out
+        assert f"torch {torch.__version__.split('+')[0]}" in out.replace("+cpu", "") and "peft 0.21.2" in out
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

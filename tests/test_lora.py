@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 from transformers.pytorch_utils import Conv1D
 
-from utils import lora
+from utils import lora, timing
 
 LLAMA = LlamaConfig(
     vocab_size=100, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
@@ -288,7 +288,7 @@ def test_best_rank_k_is_eckart_young():
 
 def test_median_seconds_alternates_and_reports_each():
     calls = []
-    t = lora.median_seconds(
+    t = timing.median_seconds(
         {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1
     )
     assert set(t) == {"a", "b"} and all(v >= 0 for v in t.values())

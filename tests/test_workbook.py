@@ -39,7 +39,7 @@ def test_unbalanced_markers_are_an_error():
 
 
 def test_header_pins_match_pyproject_and_never_install_torch():
-    cells = workbook.header_cells("00_setup.ipynb", "00 Setup")
+    cells = workbook.header_cells("00_setup.ipynb")
     pins = workbook.pinned_versions()
     assert f"peft=={pins['peft']}" in cells[1].source
     assert f"transformers=={pins['transformers']}" in cells[1].source
@@ -59,3 +59,36 @@ def test_every_solution_exercise_has_a_region_and_a_check():
         assert code.count(workbook.BEGIN_SOLUTION) == code.count(workbook.END_SOLUTION), path.name
         if workbook.BEGIN_SOLUTION in code:
             assert "check_" in code, f"{path.name} has an exercise but calls no checker"
+
+
+def test_header_title_and_setup_cell_come_from_the_manifest():
+    from utils import course
+
+    cells = workbook.header_cells("03_lora_math.ipynb")
+    assert cells[0].source.startswith("# 03 LoRA: the math and parameter counting\n")
+    assert "env.setup_notebook(packages=('torch', 'transformers', 'peft'))" in cells[2].source
+    with pytest.raises(ValueError, match="No chapter has the notebook"):
+        workbook.header_cells("99_nothing.ipynb")
+    assert course.chapter(3).solution.name == "03_lora_math.ipynb"
+
+
+def test_no_solution_cell_repeats_what_the_setup_cell_does():
+    for path in sorted(workbook.SOLUTIONS.glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        body = [
+            c.source
+            for c in nb.cells
+            if c.cell_type == "code" and workbook.HEADER_TAG not in c.metadata.get("tags", [])
+        ]
+        for src in body:
+            for repeated in ("quiet_library_noise()", "set_num_threads(", "setup_notebook("):
+                assert repeated not in src, f"{path.name}: {repeated} belongs to the generated setup cell"
+
+
+def test_readme_course_map_is_generated_from_the_manifest():
+    from utils import course
+
+    text = (workbook.ROOT / "README.md").read_text()
+    assert workbook.readme_text(text) == text, "run `make notebooks` to refresh the README course map"
+    for ch in course.CHAPTERS:
+        assert f"| {ch.id} | {ch.short_title} |" in text

@@ -11,21 +11,91 @@ import os
 import random
 import sys
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 
-PROFILES = {
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything a notebook needs to switch between the offline default and a real model on a GPU.
+
+    ``model_id`` / ``dataset_id``: ``None`` means the course's tiny base and generated data. ``device`` and
+    the dtypes are chosen when the profile is selected: weights train in ``dtype`` (fp32), the forward
+    pass runs under ``autocast_dtype`` (None on the CPU; bf16 on GPUs of compute capability 8.0 and newer;
+    fp16 with loss scaling on older ones such as the T4). ``expectations`` are the floors a chapter
+    asserts for this profile (``None``: not measured for it, so not asserted).
+    """
+
+    name: str
+    model_id: str | None
+    dataset_id: str | None
+    needs_gpu: bool
+    description: str
+    expectations: dict = field(default_factory=dict)
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    autocast_dtype: torch.dtype | None = None
+
+    def load_model(self, **kwargs):
+        """``(model, tokenizer)`` of this profile, on its device, weights in ``self.dtype``."""
+        from utils import models
+
+        kwargs.setdefault("dtype", self.dtype)
+        return models.load_model(self.model_id, device=self.device, **kwargs)
+
+    def load_instructions(self, split: str = "train"):
+        """The instruction data of this profile as a ``datasets.Dataset`` with a ``messages`` column."""
+        from utils import data
+
+        if self.dataset_id is None:
+            return data.load_instructions(split)
+        from datasets import load_dataset
+
+        hub_split = "train[:4000]" if split == "train" else "test[:200]"
+        return load_dataset(self.dataset_id, split=hub_split)
+
+    def expect(self, key: str, value: float) -> bool:
+        """True when ``value`` reaches this profile's floor for ``key`` (a name like ``"01.sft_exact_match"``).
+
+        A key the profile does not know is an error (a typo must not pass silently); a floor of ``None``
+        means the figure was never measured on this profile: it prints so and returns True."""
+        if key not in self.expectations:
+            raise KeyError(
+                f"Profile {self.name!r} has no expectation {key!r}; it has {sorted(self.expectations)}."
+            )
+        floor = self.expectations[key]
+        if floor is None:
+            print(f"({key} = {value:.3g}: no floor measured for profile {self.name!r}, not asserted)")
+            return True
+        return value >= floor
+
+
+# The floors each chapter asserts on the default profile; tests/test_profiles.py checks that every key a
+# notebook uses exists in every profile.
+CPU_TINY_EXPECTATIONS = {
+    "00.fact_completion_withheld": 0.90,
+    "01.sft_exact_match": 0.80,
+    "01.trainer_exact_match": 0.80,
+    "03.rank_sweep_learns": 0.20,
+    "04.lora_exact_match_gain": 0.20,
+    "04.classifier_accuracy": 0.90,
+}
+
+PROFILES: dict[str, dict] = {
     "cpu-tiny": {
-        "model": None,  # None = the course's tiny offline base (utils.models.base_model_path())
-        "dataset": None,  # None = the course's generated instruction data (utils.data.load_instructions)
+        "model_id": None,
+        "dataset_id": None,
         "needs_gpu": False,
         "description": "the course's tiny Llama-architecture model and generated data, offline, any CPU",
+        "expectations": CPU_TINY_EXPECTATIONS,
     },
     "gpu-small": {
-        "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "dataset": "HuggingFaceTB/smol-smoltalk",  # conversations in a `messages` column, like the course's
+        "model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "dataset_id": "HuggingFaceTB/smol-smoltalk",  # conversations in a `messages` column, like the course's
         "needs_gpu": True,
         "description": "a real 135M-parameter instruct model from the Hugging Face hub, for a 16 GB T4 or better",
+        "expectations": dict.fromkeys(CPU_TINY_EXPECTATIONS),  # not measured on a GPU yet: not asserted
     },
 }
 
@@ -59,30 +129,66 @@ def _best(available: dict[str, bool]) -> str:
     return next(name for name in ("cuda", "mps", "cpu") if available[name])
 
 
-def get_dtype(device: torch.device | str | None = None) -> torch.dtype:
-    """Training dtype for a device: bf16 where the GPU supports it (Ampere and newer), fp16 on older GPUs
-    such as the T4 (train it with loss scaling), fp32 on the CPU and on MPS."""
+def supports_bf16(
+    device: torch.device | str | None = None, capability: tuple[int, int] | None = None
+) -> bool:
+    """True on GPUs of compute capability 8.0 or newer (Ampere: A100, RTX 30xx; then L4, H100 ...).
+
+    Not ``torch.cuda.is_bf16_supported()``: by default that also says True on a T4 (capability 7.5),
+    where bf16 is emulated and slow. ``capability`` overrides the query (tests fake a device with it)."""
+    if capability is None:
+        device = torch.device(device) if device is not None else get_device()
+        if device.type != "cuda":
+            return False
+        capability = torch.cuda.get_device_capability(device)
+    return tuple(capability) >= (8, 0)
+
+
+def get_dtype(
+    device: torch.device | str | None = None, capability: tuple[int, int] | None = None
+) -> torch.dtype:
+    """The 16-bit compute dtype for a GPU, fp32 elsewhere: bf16 from compute capability 8.0 (Ampere),
+    fp16 below (a T4 is 7.5: train it with loss scaling), fp32 on the CPU and on MPS."""
     device = torch.device(device) if device is not None else get_device()
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda" or capability is not None:
+        return torch.bfloat16 if supports_bf16(device, capability) else torch.float16
     return torch.float32
 
 
-def select_profile(name: str = "cpu-tiny") -> dict:
-    """The settings of a notebook profile. A GPU profile on a machine without a GPU explains what it
+def make_profile(
+    name: str, device: torch.device | str | None = None, capability: tuple[int, int] | None = None
+):
+    """The ``Profile`` called ``name`` for ``device`` (no fallback: ``select_profile`` decides that)."""
+    if name not in PROFILES:
+        raise ValueError(f"Unknown profile {name!r}: choose one of {', '.join(PROFILES)}.")
+    device = torch.device(device) if device is not None else get_device()
+    on_gpu = device.type == "cuda" or capability is not None
+    return Profile(
+        name=name,
+        **PROFILES[name],
+        device=device,
+        dtype=torch.float32,  # trained weights in fp32; the 16-bit part is autocast
+        autocast_dtype=get_dtype(device, capability) if on_gpu else None,
+    )
+
+
+def select_profile(name: str = "cpu-tiny") -> Profile:
+    """The notebook profile called ``name``. A GPU profile on a machine without a GPU explains what it
     would do and falls back to ``cpu-tiny`` (the notebooks then run their default path)."""
     if name not in PROFILES:
         raise ValueError(f"Unknown profile {name!r}: choose one of {', '.join(PROFILES)}.")
-    profile = dict(PROFILES[name], name=name)
-    if profile["needs_gpu"] and not torch.cuda.is_available():
+    if PROFILES[name]["needs_gpu"] and not torch.cuda.is_available():
         print(
-            f"Profile {name!r} needs a CUDA GPU ({profile['description']}) and this machine has none.\n"
+            f"Profile {name!r} needs a CUDA GPU ({PROFILES[name]['description']}) and this machine has none.\n"
             f"Falling back to 'cpu-tiny': {PROFILES['cpu-tiny']['description']}.\n"
             "On Colab choose Runtime > Change runtime type > T4 GPU, then run the notebook again."
         )
-        profile = dict(PROFILES["cpu-tiny"], name="cpu-tiny")
-    profile["device"] = get_device()
-    profile["dtype"] = get_dtype(profile["device"])
+        name = "cpu-tiny"
+    profile = make_profile(name)
+    precision = (
+        f", autocast {str(profile.autocast_dtype).removeprefix('torch.')}" if profile.autocast_dtype else ""
+    )
+    print(f"profile {profile.name}: {profile.model_id or 'tiny base'} on {profile.device.type}{precision}")
     return profile
 
 
@@ -138,9 +244,10 @@ def quiet_library_noise() -> None:
     warnings.filterwarnings("ignore", message=r".*kernels-community.*")
 
 
-def memory_used_gb(device: torch.device | str | None = None) -> float:
-    """Memory in GiB: peak GPU memory allocated by PyTorch on CUDA, else this process's peak resident
-    memory (the operating system's high-water mark, which includes Python and the libraries)."""
+def peak_memory_gib(device: torch.device | str | None = None) -> float:
+    """Peak memory in GiB: on CUDA the most PyTorch has allocated (``torch.cuda.max_memory_allocated``);
+    elsewhere this process's peak resident memory (the operating system's high-water mark, which includes
+    Python, the libraries and memory the allocator has not returned). A peak, not the current use."""
     device = torch.device(device) if device is not None else get_device()
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -151,3 +258,23 @@ def memory_used_gb(device: torch.device | str | None = None) -> float:
         return peak_kb * (1 if sys.platform != "darwin" else 1 / 1024) / 2**20
     except ImportError:  # Windows has no resource module
         return float("nan")
+
+
+def setup_notebook(
+    packages: tuple[str, ...] = ("torch", "transformers"), seed: int = 0, threads: int = 1
+) -> None:
+    """What every notebook's setup cell does: quiet known library noise, seed everything, use ``threads``
+    CPU threads, and print the versions of ``packages`` and the device.
+
+    One thread by default: the tiny model gains little from a second one, results repeat bit for bit,
+    and two notebooks can run side by side on a 2-core machine. On a GPU the thread count does not matter.
+    """
+    import importlib.metadata
+
+    quiet_library_noise()
+    seed_everything(seed)
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # tiny Adam moments become denormal floats, which are slow on CPUs
+    versions = " | ".join(f"{p} {importlib.metadata.version(p)}" for p in packages)
+    device = get_device()
+    print(f"{versions} | device {device.type} | seed {seed} | {threads} CPU thread{'s' * (threads > 1)}")

@@ -15,10 +15,8 @@ from __future__ import annotations
 import math
 import numbers
 import re
-import statistics
-import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -312,21 +310,3 @@ def best_rank_k(matrix: torch.Tensor, k: int) -> torch.Tensor:
     ``U[:, :k] @ diag(S[:k]) @ Vh[:k, :]``. ``matrix``: (m, n); returns (m, n)."""
     U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
     return U[:, :k] @ torch.diag(S[:k]) @ Vh[:k, :]
-
-
-def median_seconds(
-    fns: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 2
-) -> dict[str, float]:
-    """Median wall time in seconds of each function, measured side by side: the functions alternate inside
-    every repeat (and the order flips each time), so a slow moment of a shared machine hits all of them."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for i in range(repeats):
-        for name in names if i % 2 == 0 else reversed(names):
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}

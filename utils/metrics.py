@@ -13,7 +13,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # label value that cross-entropy skips (prompt tokens, padding)
+from utils.sft import IGNORE_INDEX, collate  # -100: the label value cross-entropy skips
 
 
 def _batches(items: list, batch_size: int):
@@ -44,18 +44,10 @@ def token_nll(
     total_nll, total_tokens = 0.0, 0
     for chunk in _batches(texts, batch_size):
         seqs = [_encode(tokenizer, t, prefix_bos) for t in chunk]
-        width = max(len(s) for s in seqs)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            input_ids[i, : len(s)] = torch.tensor(s)
-            labels[i, : len(s)] = torch.tensor(s)
-            attention_mask[i, : len(s)] = 1
-        logits = model(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
-        ).logits.float()
+        batch = collate([{"input_ids": s, "labels": s} for s in seqs], pad)
+        labels = batch.pop("labels")
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
         targets = labels[:, 1:].to(device)  # shift: position t predicts token t + 1
         nll = F.cross_entropy(
             logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
@@ -85,14 +77,8 @@ def fact_completion_accuracy(model, tokenizer, facts: list[dict], batch_size: in
         prompts = [_encode(tokenizer, f["prompt"], True) for f in chunk]
         answers = [tokenizer(" " + f["answer"], add_special_tokens=False)["input_ids"] for f in chunk]
         seqs = [p + a for p, a in zip(prompts, answers, strict=True)]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            input_ids[i, : len(s)] = torch.tensor(s)
-        mask = (input_ids != tokenizer.pad_token_id).long()
-        predicted = (
-            model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.argmax(-1).cpu()
-        )
+        batch = collate([{"input_ids": s} for s in seqs], tokenizer.pad_token_id)
+        predicted = model(**{k: v.to(device) for k, v in batch.items()}).logits.argmax(-1).cpu()
         for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
             guess = predicted[i, len(p) - 1 : len(p) - 1 + len(a)].tolist()
             correct += guess == a

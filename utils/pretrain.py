@@ -2,7 +2,7 @@
 
 Reproducible (fixed seed, deterministic CPU kernels) and sized for a 2-core CPU. It trains a byte-level
 BPE tokenizer on the corpus, builds the Llama config of ``utils.models.TINY_CONFIG``, trains with AdamW,
-warmup and cosine decay, and saves model, tokenizer and a ``pretrain_report.json`` of what it measured:
+warmup and cosine decay (``utils.train.train_loop``, the loop of every chapter), and saves model, tokenizer and a ``pretrain_report.json`` of what it measured:
 held-out perplexity, completion of fact sentences in unseen phrasings, and the loss curve.
 """
 
@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
 
 import torch
 
-from utils import data, env, metrics, models
+from utils import data, env, metrics, models, train
 
 
 def pack_documents(docs: list[list[int]], block_size: int, separator: int) -> torch.Tensor:
@@ -30,14 +29,6 @@ def pack_documents(docs: list[list[int]], block_size: int, separator: int) -> to
         stream += [separator, *doc]
     n_blocks = len(stream) // block_size
     return torch.tensor(stream[: n_blocks * block_size]).view(n_blocks, block_size)
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -> float:
-    """Linear warmup to ``peak``, then cosine decay to ``floor * peak``."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def pretrain(
@@ -71,50 +62,52 @@ def pretrain(
 
     docs = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in corpus]
     rng = random.Random(seed)
-    steps_per_epoch = sum(len(d) + 1 for d in docs) // block_size // batch_size
-    total = steps_per_epoch * epochs
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-        betas=(0.9, 0.95),
-    )
-    history, step, start = [], 0, time.time()
-    for epoch in range(epochs):
+
+    def blocks_of_epoch(epoch: int) -> list[torch.Tensor]:
+        """The corpus re-shuffled and re-packed into blocks, in a seeded random order."""
         rng.shuffle(docs)
         blocks = pack_documents(docs, block_size, tokenizer.bos_token_id)
         order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed + epoch))
-        model.train()
-        for b in range(steps_per_epoch):
-            batch = blocks[order[b * batch_size : (b + 1) * batch_size]]
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, lr, warmup)
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            if step % eval_every == 0 or step == total:
-                ppl = metrics.perplexity(model, tokenizer, valid)
-                acc = metrics.fact_completion_accuracy(model, tokenizer, facts)
-                acc_new = metrics.fact_completion_accuracy(model, tokenizer, new_phrasing)
-                history.append(
-                    {
-                        "step": step,
-                        "train_loss": loss.item(),
-                        "valid_perplexity": ppl,
-                        "heldout_fact_acc": acc,
-                        "new_phrasing_fact_acc": acc_new,
-                    }
-                )
-                print(
-                    f"epoch {epoch + 1:3d} step {step:5d}/{total} loss {loss.item():.3f} valid ppl {ppl:.3f} "
-                    f"facts: withheld phrasing {acc:.1%}, new phrasing {acc_new:.1%} ({time.time() - start:.0f} s)",
-                    flush=True,
-                )
-                model.train()
+        return list(blocks[order])
+
+    def evaluate(m) -> dict:
+        return {
+            "valid_perplexity": metrics.perplexity(m, tokenizer, valid),
+            "heldout_fact_acc": metrics.fact_completion_accuracy(m, tokenizer, facts),
+            "new_phrasing_fact_acc": metrics.fact_completion_accuracy(m, tokenizer, new_phrasing),
+        }
+
+    def report_progress(entry: dict) -> None:
+        print(
+            f"epoch {entry['epoch']:3d} step {entry['step']:5d} loss {entry['loss']:.3f} valid ppl "
+            f"{entry['valid_perplexity']:.3f} facts: withheld phrasing {entry['heldout_fact_acc']:.1%}, new "
+            f"phrasing {entry['new_phrasing_fact_acc']:.1%} ({entry['seconds']:.0f} s)",
+            flush=True,
+        )
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # norms: no weight decay
+    start = time.time()
+    history = train.train_loop(
+        model,
+        blocks_of_epoch,
+        collate_fn=lambda rows: {"input_ids": torch.stack(rows), "labels": torch.stack(rows)},
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        params=[{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        optimizer_kwargs={"betas": (0.9, 0.95)},
+        schedule="cosine",
+        min_lr_ratio=0.1,
+        warmup_steps=warmup,
+        shuffle=False,  # blocks_of_epoch already shuffles
+        seed=seed,
+        eval_fn=evaluate,
+        eval_every=eval_every,
+        log_every=eval_every,
+        on_log=report_progress,
+    )
+    total = history[-1]["step"]
     seconds = time.time() - start
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +123,7 @@ def pretrain(
         "tokens_seen": total * batch_size * block_size,
         "seconds": round(seconds),
         "torch_threads": torch.get_num_threads(),
-        "valid_perplexity": history[-1]["valid_perplexity"],
+        "valid_perplexity": history[-1]["valid_perplexity"],  # the last entry is the final evaluation
         "heldout_fact_acc": history[-1]["heldout_fact_acc"],
         "new_phrasing_fact_acc": history[-1]["new_phrasing_fact_acc"],
         "history": history,

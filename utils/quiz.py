@@ -27,30 +27,22 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
 
+from utils import course
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LESSON_PATH = REPO_ROOT / "lessons" / "09-interview-questions.md"
 LESSON_LINK = "lessons/09-interview-questions.md"
 BANK_BEGIN = "<!-- BEGIN BANK -->"
 BANK_END = "<!-- END BANK -->"
 
-CHAPTERS = range(11)
+CHAPTERS = range(len(course.CHAPTERS))
 DIFFICULTIES = ("easy", "medium", "hard")
 LANGS = ("en", "zh")
 N_MYTHS = 20
 
-CHAPTER_TITLES: dict[int, str] = {
-    0: "Setup and tour",
-    1: "Supervised fine-tuning (SFT)",
-    2: "Full fine-tuning vs parameter-efficient fine-tuning",
-    3: "LoRA: the math and parameter counting",
-    4: "LoRA in practice with peft",
-    5: "QLoRA",
-    6: "Freezing",
-    7: "Memory and speed: gradient checkpointing, accumulation, mixed precision",
-    8: "Early stopping, perplexity and training hygiene",
-    9: "General interview topics",
-    10: "Capstone on a GPU",
-}
+# The bank's section headings: each chapter's title from the manifest (chapter 09's part of the bank holds
+# the general topics, hence its own heading).
+CHAPTER_TITLES: dict[int, str] = {ch.number: ch.bank_title or ch.title for ch in course.CHAPTERS}
 
 # Every topic SYLLABUS.md lists, per chapter, mapped to the tags an entry must carry to cover it: a topic
 # is covered when at least one entry of that chapter has all of its tags. tests/test_quiz.py asserts it.

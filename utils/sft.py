@@ -1,4 +1,6 @@
-"""Supervised fine-tuning: conversations to masked training examples, a collator, a plain PyTorch loop.
+"""Supervised fine-tuning data: conversations to masked training examples, padding, packing.
+
+The training loop every chapter uses is ``utils.train.train_loop``.
 
 Label masking: the loss is computed only on the assistant's tokens. Every other position gets the label
 ``-100``, which ``torch.nn.functional.cross_entropy`` (and so every transformers model) skips.
@@ -6,12 +8,9 @@ Label masking: the loss is computed only on the assistant's tokens. Every other 
 
 from __future__ import annotations
 
-import math
-import time
-
 import torch
 
-from utils.metrics import IGNORE_INDEX
+IGNORE_INDEX = -100  # label value that cross-entropy skips (prompt tokens, padding)
 
 
 def to_messages(row: dict) -> dict:
@@ -112,80 +111,31 @@ def tokenize_rows(tokenizer, rows, max_length: int | None = None, mask_prompt: b
 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of examples to the longest one: padding gets attention 0 and label -100."""
+    """Right-pad a list of examples to the longest one: (batch, seq) tensors.
+
+    ``input_ids`` is required; padding gets ``pad_token_id``, attention 0 and label -100. A missing
+    ``attention_mask`` means every token is real; ``labels`` may be a list per token (padded with -100) or
+    one integer per example (a class label, batched as a (batch,) tensor); without ``labels`` none are made.
+    """
+    if not examples:
+        raise ValueError("collate got no examples.")
     width = max(len(e["input_ids"]) for e in examples)
     batch = {
         "input_ids": torch.full((len(examples), width), pad_token_id, dtype=torch.long),
         "attention_mask": torch.zeros((len(examples), width), dtype=torch.long),
-        "labels": torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long),
     }
+    token_labels = "labels" in examples[0] and not isinstance(examples[0]["labels"], int)
+    if token_labels:
+        batch["labels"] = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
-        for key in batch:
-            batch[key][i, :n] = torch.tensor(e[key])
+        batch["input_ids"][i, :n] = torch.tensor(e["input_ids"])
+        batch["attention_mask"][i, :n] = torch.tensor(e.get("attention_mask", [1] * n))
+        if token_labels:
+            batch["labels"][i, :n] = torch.tensor(e["labels"])
+    if "labels" in examples[0] and not token_labels:
+        batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
     return batch
-
-
-def train_loop(
-    model,
-    examples: list[dict],
-    pad_token_id: int,
-    epochs: int = 3,
-    batch_size: int = 32,
-    lr: float = 1e-3,
-    warmup_steps: int = 20,
-    weight_decay: float = 0.0,
-    max_grad_norm: float = 1.0,
-    seed: int = 0,
-    log_every: int = 20,
-) -> list[dict]:
-    """Plain PyTorch SFT: AdamW, linear warmup then linear decay to zero, gradient clipping.
-
-    Returns the history as ``[{"step", "loss", "lr", "seconds"}]``, one entry every ``log_every`` steps,
-    ``loss`` being the mean over those steps (as ``Trainer`` logs it).
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("The model has no trainable parameters (every requires_grad is False).")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(examples) / batch_size)
-    total = steps_per_epoch * epochs
-
-    def schedule(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total - step) / max(1, total - warmup_steps))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    gen = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    history, step, start = [], 0, time.time()
-    running, counted = 0.0, 0
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(examples), generator=gen).tolist()
-        for b in range(steps_per_epoch):
-            batch = collate([examples[i] for i in order[b * batch_size : (b + 1) * batch_size]], pad_token_id)
-            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            running, counted = running + loss.item(), counted + 1
-            if step % log_every == 0 or step == total:
-                history.append(
-                    {
-                        "step": step,
-                        "loss": running / counted,
-                        "lr": sched.get_last_lr()[0],
-                        "seconds": time.time() - start,
-                    }
-                )
-                running, counted = 0.0, 0
-    model.eval()
-    return history
 
 
 def pack_examples(examples: list[dict], block_size: int) -> list[dict]:

@@ -1,12 +1,14 @@
 """The notebook pipeline: one header template, and student notebooks generated from solutions.
 
-* ``header_cells(chapter, title)``: the Colab badge and the bootstrap cell every notebook opens with.
-  This is the one place that owns the Colab install line and its version pins (read from pyproject).
+* ``header_cells(chapter)``: the cells every notebook opens with: title and Colab badge, the bootstrap
+  cell (the one place that owns the Colab install line and its version pins, read from pyproject), and
+  the setup cell (library noise, seeds, threads, versions: ``env.setup_notebook``). Titles and the
+  packages each chapter prints come from the manifest, ``utils.course``.
 * ``make_student(nb)``: a solution notebook with its solution regions replaced by
   ``raise NotImplementedError(...)`` and its outputs cleared (nbgrader's markers, so an instructor can
   also run nbgrader on ``solutions/``).
-* ``python -m utils.workbook``: refresh the headers of ``solutions/`` and regenerate ``notebooks/``
-  (what ``make notebooks`` runs). ``tests/test_workbook.py`` fails when either is stale.
+* ``python -m utils.workbook``: refresh the headers of ``solutions/``, regenerate ``notebooks/`` and the
+  README's course map (what ``make notebooks`` runs). ``tests/test_workbook.py`` fails when any is stale.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import sys
 from pathlib import Path
 
 import nbformat
+
+from utils import course
 
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTIONS = ROOT / "solutions"
@@ -56,12 +60,13 @@ def pinned_versions() -> dict[str, str]:
     return pins
 
 
-def header_cells(notebook_name: str, title: str) -> list:
-    """The badge (markdown) and bootstrap (code) cells for ``notebooks/<notebook_name>``."""
+def header_cells(notebook_name: str) -> list:
+    """The title + badge (markdown), bootstrap (code) and setup (code) cells for ``notebooks/<notebook_name>``."""
+    ch = course.by_notebook(notebook_name)
     pins = pinned_versions()
     packages = " ".join(f"{p}=={pins[p.lower()]}" for p in COLAB_PACKAGES)
     badge = (
-        f"# {title}\n\n"
+        f"{ch.heading}\n\n"
         f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
         f"(https://colab.research.google.com/github/{COURSE_REPO}/blob/main/notebooks/{notebook_name})\n\n"
         "Run the cells from the top. On a laptop everything runs offline on the course's tiny model; on Colab "
@@ -69,7 +74,7 @@ def header_cells(notebook_name: str, title: str) -> list:
     )
     bootstrap = (
         "# Colab bootstrap: only on Colab, fetch the course and install its pinned packages (not torch).\n"
-        "import os, subprocess, sys\n"
+        "import os\nimport subprocess\nimport sys\n\n"
         'if "google.colab" in sys.modules and not os.path.isdir("utils"):\n'
         f'    if not os.path.isdir("course"):\n'
         f'        subprocess.run(["git", "clone", "--depth", "1", "https://github.com/{COURSE_REPO}", "course"], check=True)\n'
@@ -80,18 +85,26 @@ def header_cells(notebook_name: str, title: str) -> list:
         '    os.chdir("..")  # run from the repository root, so that `import utils` finds the package\n'
         "sys.path.insert(0, os.getcwd())"
     )
-    cells = [nbformat.v4.new_markdown_cell(badge), nbformat.v4.new_code_cell(bootstrap)]
+    setup = (
+        "# Setup, the same in every notebook: quiet known library noise (the list and the reasons are in\n"
+        "# utils/env.py), seed everything, one CPU thread (results repeat exactly), print the versions.\n"
+        "from utils import env\n\n"
+        f"env.setup_notebook(packages={ch.packages!r})"
+    )
+    cells = [
+        nbformat.v4.new_markdown_cell(badge),
+        nbformat.v4.new_code_cell(bootstrap),
+        nbformat.v4.new_code_cell(setup),
+    ]
     for cell in cells:
         cell.metadata["tags"] = [HEADER_TAG]
     return cells
 
 
 def refresh_header(nb, notebook_name: str):
-    """Replace the tagged header cells of ``nb`` by the current template (the title is kept)."""
-    first = nb.cells[0].source.splitlines()[0] if nb.cells else "# Untitled"
-    title = first.lstrip("# ").strip()
+    """Replace the tagged header cells of ``nb`` by the current template."""
     body = [c for c in nb.cells if HEADER_TAG not in c.metadata.get("tags", [])]
-    new = header_cells(notebook_name, title)
+    new = header_cells(notebook_name)
     for old, fresh in zip(
         [c for c in nb.cells if HEADER_TAG in c.metadata.get("tags", [])], new, strict=False
     ):
@@ -102,6 +115,18 @@ def refresh_header(nb, notebook_name: str):
             fresh.id = old.get("id", fresh.id)
     nb.cells = new + body
     return nb
+
+
+def readme_text(text: str) -> str:
+    """The README with its course map (between the COURSE MAP markers) regenerated from the manifest."""
+    begin, end = text.index(course.COURSE_MAP_BEGIN), text.index(course.COURSE_MAP_END)
+    return (
+        text[: begin + len(course.COURSE_MAP_BEGIN)]
+        + "\n"
+        + course.course_map(COURSE_REPO)
+        + "\n"
+        + text[end:]
+    )
 
 
 def _strip_region(source: str, begin: str, end: str, replacement: str | None) -> str:
@@ -181,6 +206,12 @@ def sync_all(check_only: bool = False) -> list[str]:
             stale.append(str(student.relative_to(ROOT)))
             if not check_only:
                 student.write_text(want, encoding="utf-8")
+    readme = ROOT / "README.md"
+    want = readme_text(readme.read_text(encoding="utf-8"))
+    if want != readme.read_text(encoding="utf-8"):
+        stale.append("README.md (course map)")
+        if not check_only:
+            readme.write_text(want, encoding="utf-8")
     for orphan in sorted(
         set(p.name for p in NOTEBOOKS.glob("*.ipynb")) - set(p.name for p in SOLUTIONS.glob("*.ipynb"))
     ):
@@ -227,8 +258,12 @@ if __name__ == "__main__":
         for sol in sorted(SOLUTIONS.glob("*.ipynb")):
             if not names or any(n in sol.name for n in names):
                 seconds, peak = execute(sol)
+                ch = course.by_notebook(sol.name)
+                course.record_measurement(ch, seconds, peak)
+                over = f" OVER its {ch.cpu_budget_s} s budget" if seconds > ch.cpu_budget_s else ""
                 print(
-                    f"{sol.name}: executed in {seconds:.0f} s, kernel peak memory {peak:.2f} GiB", flush=True
+                    f"{sol.name}: executed in {seconds:.0f} s{over}, kernel peak memory {peak:.2f} GiB",
+                    flush=True,
                 )
     changed = sync_all(check_only="--check" in sys.argv)
     for name in changed:
