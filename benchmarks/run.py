@@ -117,7 +117,13 @@ def bench_inference(repeats: int) -> dict:
     return {"tokens": ids.numel(), "config": config, **t}
 
 
-def write_results(layer_rows: list[dict], inference: dict, repeats: int, seconds: float) -> str:
+def write_results(
+    layer_rows: list[dict],
+    inference: dict,
+    repeats: int,
+    seconds: float,
+    memory_rows: list[dict] | None = None,
+) -> str:
     base = inference["base"]
     lines = [
         "# Benchmark results",
@@ -161,6 +167,10 @@ def write_results(layer_rows: list[dict], inference: dict, repeats: int, seconds
         "per layer). *unmerged*: two extra small matmuls per adapted layer.",
         "",
     ]
+    if memory_rows:  # benchmarks/memory.py: the memory estimate against measurement
+        from benchmarks.memory import memory_section
+
+        lines += memory_section(memory_rows)
     text = "\n".join(lines)
     RESULTS.write_text(text, encoding="utf-8")
     return text
@@ -180,7 +190,10 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     layer_rows = bench_layers(args.repeats)
     inference = bench_inference(args.repeats)
-    print(write_results(layer_rows, inference, args.repeats, time.time() - start))
+    from benchmarks.memory import bench_memory
+
+    memory_rows = bench_memory()
+    print(write_results(layer_rows, inference, args.repeats, time.time() - start, memory_rows))
 
 
 if __name__ == "__main__":
