@@ -1,0 +1,46 @@
+"""Exercise checkers: call the learner's function, compare with the reference, say what differs.
+
+One module per chapter (``ch00``, ``ch01``, ``ch03``, ``ch04``) around the shared ``core.run_check``;
+every public name is re-exported here, so ``from utils.checks import check_pack`` and
+``checks.check_lora_forward(...)`` work as they always did.
+
+Every checker behaves the same way:
+
+* not attempted (the function still raises the stub's ``NotImplementedError``): a friendly line, no
+  exception, returns ``None``, so the notebook runs on. A function that has a body but still holds the
+  stub's ``raise`` line is told to delete that line (also ``None``: its code never ran);
+* wrong: says what differs (type, shape, scale, which case, which row) without giving the answer, returns
+  ``False``. An exception inside the learner's code is reported with the learner's own line; a result the
+  check cannot use is described (its type, shape, dtype), never reported as the learner's crash;
+* right: says so, returns ``True``.
+
+The learner's function always gets deep copies of its inputs; one that changes them in place is told so,
+and the reference is computed on untouched inputs.
+"""
+
+from utils.checks.ch00 import check_param_count, count_llama_params_reference
+from utils.checks.ch01 import (
+    check_causal_lm_loss,
+    check_labels_from_ids,
+    check_pack,
+    labels_from_ids_reference,
+)
+from utils.checks.ch03 import check_lora_count, check_lora_forward, check_rank_k_approx
+from utils.checks.ch04 import check_seq_cls_lora_config, check_trainable_count
+from utils.checks.core import CheckFailed, run_check
+
+__all__ = [
+    "CheckFailed",
+    "check_causal_lm_loss",
+    "check_labels_from_ids",
+    "check_lora_count",
+    "check_lora_forward",
+    "check_pack",
+    "check_param_count",
+    "check_rank_k_approx",
+    "check_seq_cls_lora_config",
+    "check_trainable_count",
+    "count_llama_params_reference",
+    "labels_from_ids_reference",
+    "run_check",
+]
