@@ -3,12 +3,11 @@
 Run alone with ``python -m benchmarks.memory``; ``python -m benchmarks.run`` (``make bench``) writes its table into
 ``benchmarks/RESULTS.md``. Each model is a random Llama-architecture model built from a ``LlamaConfig`` (4 layers,
 MLP 2 x hidden, vocabulary 1,024, one head per 64 dimensions), trained one step on a batch of 4 x 128 tokens (at
-hidden 512 and 8 x 256 tokens, STACK.md's shape, the comparison is exact too, 308.5 MiB of activations, but slow to
-run every time). A bf16 step is slow on this CPU (about 18 s at hidden 512), so bf16 runs at the two smaller widths
-only. For each, ``estimate_training_memory`` from the config alone and
-``measure_training_memory`` on the model (parameters, gradients after ``backward()``, optimizer state after one AdamW
-``step()``, tensors saved for backward). Target: ratio 1.00 for every component (the estimate is exact on this stack;
-tests/test_memory.py allows 10% on activations).
+hidden 512 and 8 x 256 tokens the comparison is exact too, 308.5 MiB of activations, but slow to run every time).
+A bf16 step is slow on this CPU (about 18 s at hidden 512), so bf16 runs at the two smaller widths only. For each,
+``estimate_training_memory`` from the config alone and ``measure_training_memory`` on the model (parameters,
+gradients after ``backward()``, optimizer state after one AdamW ``step()``, tensors saved for backward). Target:
+ratio 1.00 for every component (the estimate is exact on this stack; tests/test_memory.py allows 10% on activations).
 """
 
 from __future__ import annotations

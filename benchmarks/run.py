@@ -7,6 +7,7 @@ shared machine hits both), and the table reports medians over the repeats. Targe
 * forward + backward of ``utils.lora.LoRALinear`` within 1.1x of peft's ``lora.Linear`` (same weights, same shapes);
 * a merged model as fast as the base model (ratio 1.00 within noise): merging leaves the architecture unchanged;
 * the unmerged overhead, for reference: two extra small matmuls per adapted layer.
+* the training-memory estimate of ``utils.memory`` equal to the measurement (``benchmarks/memory.py``).
 """
 
 from __future__ import annotations

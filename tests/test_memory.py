@@ -16,10 +16,8 @@ from utils import counting, lora, memory
 
 ACTIVATION_TOLERANCE = 0.10
 EXACT = ("weights", "gradients", "optimizer")
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-# The STACK.md measurement shape (4 layers, hidden 512, MLP 1024) scaled down so that a step takes
-# milliseconds; two key/value heads for four query heads, so grouped-query attention is covered too.
+# A 4-layer, hidden-512, MLP-1024 model scaled down so that a step takes milliseconds; two key/value heads for four query heads, so grouped-query attention is covered too.
 SMALL = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
 B, T = 4, 32
@@ -161,7 +159,7 @@ def test_qlora_4bit_on_cpu_matches(tmp_path):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # non-4-bit -> fp32
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False  # see STACK.md: the CPU repacking trap
+            module.support_avx512bf16_for_cpu = False  # on CPU: keeps 4-bit weights from being repacked
     model = _peft(model)
     est = memory.estimate_training_memory(model.config, "qlora", batch_size=2, seq_len=16, precision="fp32")
     _assert_matches(est, memory.measure_training_memory(model, _ids(SMALL["vocab_size"], 2, 16)))

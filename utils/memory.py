@@ -253,7 +253,7 @@ def _activation_bytes(
         # nn.Linear saves its input for the weight's gradient; LoRA's lora_A saves the input (an fp32 copy
         # per adapter on a 16-bit base), lora_B saves A x (N x rank, fp32)
         b = 0
-        keep_input = full or any(leaf in lora for leaf in leaves) and not cast
+        keep_input = full or (any(leaf in lora for leaf in leaves) and not cast)
         if keep_input and not input_saved:
             b += s * N * d_in
         for leaf in leaves:
@@ -295,7 +295,8 @@ def _activation_bytes(
         b += gu_b
         rg_g = rg_n2 or full or "gate_proj" in lora
         rg_u = rg_n2 or full or "up_proj" in lora
-        b += s * N * dims.I * (int(rg_g) + int(rg_u) + int(rg_g))  # silu saves g; g' * u saves both factors
+        # silu saves g; silu(g) * u saves silu(g) when u requires grad and u when silu(g) does
+        b += s * N * dims.I * (int(rg_g) + int(rg_u) + int(rg_g))
         down_b, rg_d = linears(rg_g or rg_u, dims.I, ["down_proj"], lora, False)
         b += down_b
         return b, rg_h1 or rg_d, rope
@@ -312,7 +313,7 @@ def _activation_bytes(
         rg = rg_next
     if rope_saved and not checkpointing:
         saved += 2 * s * dims.T * dims.hd  # cos and sin (1 x T x head_dim), shared by every layer
-    head_b, rg_f = norm(rg, full)
+    head_b, _ = norm(rg, full)
     if full:  # lm_head (or the tied embedding) is trained: it saves the normed hidden states
         head_b += s * N * H
     # the loss upcasts the logits to fp32; log_softmax saves its fp32 output (N x V), nll_loss the shifted
@@ -564,6 +565,8 @@ def measure_training_memory(
         batch = {"input_ids": batch}
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     if "labels" not in batch:
+        if "input_ids" not in batch:
+            raise ValueError("The batch needs input_ids (or labels): the loss is computed from them.")
         batch["labels"] = batch["input_ids"]
     param_ptrs = {k[0] for p in params if (k := _storage_key(p)) is not None}
     weights = _unique_bytes([*params, *(t for p in params for t in _quant_state_tensors(p))])
