@@ -5,9 +5,6 @@ import warnings
 import pytest
 import torch
 from transformers import (
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
     BertConfig,
     GPT2Config,
     LlamaConfig,
@@ -17,16 +14,10 @@ from transformers import (
 
 from utils import counting
 
-# The real architectures, written out (the values of their published config.json files).
-GPT2_124M = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
-LLAMA2_7B = LlamaConfig(
-    hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False,
-)  # fmt: skip
-QWEN25_05B = Qwen2Config(
-    hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-    num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
-)  # fmt: skip
+# The real architectures: the values of their published config.json files, written out in utils.counting.
+GPT2_124M = counting.known_config("gpt2")
+LLAMA2_7B = counting.known_config("llama-2-7b")
+QWEN25_05B = counting.known_config("qwen2.5-0.5b")
 
 SMALL = {
     "gpt2": (GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0),
@@ -42,17 +33,11 @@ SMALL = {
     "bert": (BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                         max_position_embeddings=64, num_labels=3), ["query", "value", "dense"]),
 }  # fmt: skip
-MODEL_CLASS = {
-    "causal-lm": AutoModelForCausalLM,
-    "seq-cls": AutoModelForSequenceClassification,
-    "base": AutoModel,
-}
 PEFT_TASK = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "base": None}
 
 
 def _meta(config, task="causal-lm"):
-    with torch.device("meta"):
-        return MODEL_CLASS[task].from_config(config)
+    return counting.meta_model(config, task)
 
 
 def _peft(model, rank, targets, task="causal-lm", modules_to_save=None):
@@ -71,14 +56,16 @@ def test_lora_count_of_one_layer_and_its_ratio():
     assert counting.lora_params_per_linear(896, 128, 16) == 16 * 1024
 
 
-@pytest.mark.parametrize(
-    "config,total",
-    [(GPT2_124M, 124_439_808), (LLAMA2_7B, 6_738_415_616), (QWEN25_05B, 494_032_768)],
-    ids=["gpt2-124M", "llama2-7B", "qwen2.5-0.5B"],
-)
-def test_real_architectures_match_the_meta_model_and_the_known_totals(config, total):
+@pytest.mark.parametrize("name", list(counting.KNOWN_CONFIGS))
+def test_known_architectures_match_the_meta_model_and_the_published_totals(name):
+    config, total = counting.known_config(name), counting.KNOWN_CONFIGS[name]["params"]
     assert counting.count_params(config) == total
-    assert sum(p.numel() for p in _meta(config).parameters()) == total
+    assert sum(p.numel() for p in counting.meta_model(config).parameters()) == total
+
+
+def test_an_unknown_architecture_lists_the_known_ones():
+    with pytest.raises(ValueError, match="llama-2-7b"):
+        counting.known_config("llama-7")
 
 
 @pytest.mark.parametrize(
@@ -177,25 +164,3 @@ def test_check_lora_count(capsys):
 
     assert checks.check_lora_count(ignores_gqa) is False
     assert "num_key_value_heads * head_dim" in capsys.readouterr().out
-
-
-def test_check_trainable_count_and_seq_cls_config(capsys):
-    from peft import LoraConfig
-
-    from utils import checks
-
-    def right(model):
-        params = list(model.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-    def state_dict_count(model):
-        return right(model)[0], sum(t.numel() for t in model.state_dict().values())
-
-    assert checks.check_trainable_count(right) is True
-    assert checks.check_trainable_count(state_dict_count) is False
-    assert "count it once" in capsys.readouterr().out
-    good = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS")
-    assert checks.check_seq_cls_lora_config(lambda: good) is True
-    no_task = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"])
-    assert checks.check_seq_cls_lora_config(lambda: no_task) is False
-    assert "classifier stays frozen" in capsys.readouterr().out

@@ -284,6 +284,13 @@ def human(n: float) -> str:
 # Published architectures, from their config.json files (no download: the numbers are written out here).
 # ``params`` is the total the model card / paper reports, which ``count_params`` reproduces exactly
 # (tests/test_counting.py). LLaMA-1 33B and 65B are the models of the QLoRA paper's memory headline.
+def _decoder(model_type: str, d: int, d_ff: int, layers: int, heads: int, kv_heads: int, vocab: int, tied: bool,
+             params: int) -> dict:  # fmt: skip
+    kwargs = dict(hidden_size=d, intermediate_size=d_ff, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, vocab_size=vocab, tie_word_embeddings=tied)  # fmt: skip
+    return {"model_type": model_type, "kwargs": kwargs, "params": params}
+
+
 KNOWN_CONFIGS: dict[str, dict] = {
     "gpt2": {
         "model_type": "gpt2",
@@ -293,106 +300,19 @@ KNOWN_CONFIGS: dict[str, dict] = {
     "bert-base-uncased": {
         "model_type": "bert",
         "kwargs": dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            vocab_size=30522,
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, vocab_size=30522
         ),
         "params": 109_482_240,
     },
-    "smollm2-135m": {
-        "model_type": "llama",
-        "kwargs": dict(
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            vocab_size=49152,
-            tie_word_embeddings=True,
-        ),
-        "params": 134_515_008,
-    },
-    "qwen2.5-0.5b": {
-        "model_type": "qwen2",
-        "kwargs": dict(
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            vocab_size=151936,
-            tie_word_embeddings=True,
-        ),
-        "params": 494_032_768,
-    },
-    "llama-2-7b": {
-        "model_type": "llama",
-        "kwargs": dict(
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            vocab_size=32000,
-            tie_word_embeddings=False,
-        ),
-        "params": 6_738_415_616,
-    },
-    "llama-2-13b": {
-        "model_type": "llama",
-        "kwargs": dict(
-            hidden_size=5120,
-            intermediate_size=13824,
-            num_hidden_layers=40,
-            num_attention_heads=40,
-            num_key_value_heads=40,
-            vocab_size=32000,
-            tie_word_embeddings=False,
-        ),
-        "params": 13_015_864_320,
-    },
-    "llama-33b": {
-        "model_type": "llama",
-        "kwargs": dict(
-            hidden_size=6656,
-            intermediate_size=17920,
-            num_hidden_layers=60,
-            num_attention_heads=52,
-            num_key_value_heads=52,
-            vocab_size=32000,
-            tie_word_embeddings=False,
-        ),
-        "params": 32_528_943_616,
-    },
-    "llama-65b": {
-        "model_type": "llama",
-        "kwargs": dict(
-            hidden_size=8192,
-            intermediate_size=22016,
-            num_hidden_layers=80,
-            num_attention_heads=64,
-            num_key_value_heads=64,
-            vocab_size=32000,
-            tie_word_embeddings=False,
-        ),
-        "params": 65_285_660_672,
-    },
-    "llama-2-70b": {
-        "model_type": "llama",
-        "kwargs": dict(
-            hidden_size=8192,
-            intermediate_size=28672,
-            num_hidden_layers=80,
-            num_attention_heads=64,
-            num_key_value_heads=8,
-            vocab_size=32000,
-            tie_word_embeddings=False,
-        ),
-        "params": 68_976_648_192,
-    },
-}
+    # name:            family   hidden  MLP  layers heads kv  vocab   tied  published total
+    "smollm2-135m": _decoder("llama", 576, 1536, 30, 9, 3, 49152, True, 134_515_008),
+    "qwen2.5-0.5b": _decoder("qwen2", 896, 4864, 24, 14, 2, 151936, True, 494_032_768),
+    "llama-2-7b": _decoder("llama", 4096, 11008, 32, 32, 32, 32000, False, 6_738_415_616),
+    "llama-2-13b": _decoder("llama", 5120, 13824, 40, 40, 40, 32000, False, 13_015_864_320),
+    "llama-33b": _decoder("llama", 6656, 17920, 60, 52, 52, 32000, False, 32_528_943_616),
+    "llama-65b": _decoder("llama", 8192, 22016, 80, 64, 64, 32000, False, 65_285_660_672),
+    "llama-2-70b": _decoder("llama", 8192, 28672, 80, 64, 8, 32000, False, 68_976_648_192),
+}  # fmt: skip
 
 
 def known_config(name: str):
