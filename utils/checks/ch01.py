@@ -187,11 +187,12 @@ def check_causal_lm_loss(loss_fn: Callable, model, batch: dict) -> bool | None:
             loss_all = loss_function(logits=out.logits, labels=labels_all, vocab_size=out.logits.shape[-1])
         else:
             loss_all = model(**{**batch, "labels": labels_all}).loss
+    logits = out.logits.float()  # the model's loss upcasts half-precision logits too
     cases = [
-        ("", out.logits, batch["labels"], out.loss),
+        ("", logits, batch["labels"], out.loss),
         (
             "on a second batch whose labels are the input ids (the first label of every row a real token): ",
-            out.logits,
+            logits,
             labels_all,
             loss_all,
         ),
