@@ -8,6 +8,7 @@ shared machine hits both), and the table reports medians over the repeats. Targe
 * a merged model as fast as the base model (ratio 1.00 within noise): merging leaves the architecture unchanged;
 * the unmerged overhead, for reference: two extra small matmuls per adapted layer.
 * the training-memory estimate of ``utils.memory`` equal to the measurement (``benchmarks/memory.py``).
+* every chapter's notebook within its CPU budget (``utils.course``): the wall times ``make execute`` measured.
 """
 
 from __future__ import annotations
@@ -172,9 +173,39 @@ def write_results(
         from benchmarks.memory import memory_section
 
         lines += memory_section(memory_rows)
+    lines += notebook_budget_section()
     text = "\n".join(lines)
     RESULTS.write_text(text, encoding="utf-8")
     return text
+
+
+def notebook_budget_section() -> list[str]:
+    """Each written chapter's solution notebook: the wall time ``make execute`` last measured (one thread, the
+    default profile) against the chapter's CPU budget from the manifest."""
+    from utils import course
+
+    measured = course.load_measurements()
+    lines = [
+        "",
+        "## Notebooks against their CPU budgets",
+        "",
+        "Wall time of each solution notebook as `make execute` last measured it (default `cpu-tiny` profile, one",
+        "thread; `utils/measurements.json`), against the chapter's budget in `utils/course.py`. A notebook over",
+        "budget makes `make test` slower for everyone: train less, or reuse a model another section trained.",
+        "",
+        "| chapter | measured (s) | budget (s) | within |",
+        "|---|---:|---:|---|",
+    ]
+    for ch in course.CHAPTERS:
+        if not ch.written:
+            continue
+        m = measured.get(ch.id)
+        if m is None:
+            lines.append(f"| {ch.id} {ch.short_title} | not measured | {ch.cpu_budget_s} | |")
+            continue
+        ok = "yes" if m["seconds"] <= ch.cpu_budget_s else "**no**"
+        lines.append(f"| {ch.id} {ch.short_title} | {m['seconds']:.0f} | {ch.cpu_budget_s} | {ok} |")
+    return lines + [""]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -149,18 +149,3 @@ def test_human_readable_counts():
     assert counting.human(6_738_415_616) == "6.74 B"
     assert counting.human(4_194_304) == "4.19 M"
     assert counting.human(512) == "512"
-
-
-def test_check_lora_count(capsys):
-    from utils import checks
-
-    assert checks.check_lora_count(lambda c, r, t: counting.count_lora_params(c, r, t)) is True
-
-    def ignores_gqa(config, rank, targets):
-        d, d_ff = config.hidden_size, config.intermediate_size
-        shapes = {"q_proj": 2 * d, "k_proj": 2 * d, "v_proj": 2 * d, "o_proj": 2 * d,
-                  "gate_proj": d + d_ff, "up_proj": d + d_ff, "down_proj": d + d_ff}  # fmt: skip
-        return config.num_hidden_layers * sum(rank * shapes[t] for t in targets)
-
-    assert checks.check_lora_count(ignores_gqa) is False
-    assert "num_key_value_heads * head_dim" in capsys.readouterr().out

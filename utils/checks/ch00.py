@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
-from utils.checks.core import CheckFailed, call_on_copies, expect_int, mutation_message, run_check
+from utils.checks.core import (
+    CheckFailed,
+    call_on_copies,
+    edited_config,
+    expect_int,
+    mutation_message,
+    run_check,
+)
 
 
 def count_llama_params_reference(config) -> int:
@@ -35,13 +41,6 @@ def _param_count_cases():
     ]  # fmt: skip
 
 
-def _edited(config, **changes):
-    other = copy.deepcopy(config)
-    for key, value in changes.items():
-        setattr(other, key, value)
-    return other
-
-
 def _describe_case(i: int, config) -> str:
     text = (
         f"case {i + 1} (tie_word_embeddings={config.tie_word_embeddings}, "
@@ -63,12 +62,12 @@ def _hint(config, got: int, truth: int) -> str:
         return " The difference is exactly vocab_size * hidden_size: look at tie_word_embeddings."
     if diff % d == 0 and abs(diff) // d <= 2 * layers + 1:
         return " The difference is a few multiples of hidden_size: look at the normalization weights."
-    if layers > 1 and got == count_params(_edited(config, num_hidden_layers=1)):
+    if layers > 1 and got == count_params(edited_config(config, num_hidden_layers=1)):
         return f" That is a model with one decoder layer: this one has num_hidden_layers={layers}."
     natural = d // heads
     if head_dim != natural and got in (
-        count_params(_edited(config, head_dim=natural)),
-        count_params(_edited(config, head_dim=natural, num_key_value_heads=heads)),
+        count_params(edited_config(config, head_dim=natural)),
+        count_params(edited_config(config, head_dim=natural, num_key_value_heads=heads)),
     ):
         return (
             f" This config sets head_dim={head_dim}, not hidden_size // num_attention_heads = {natural}: "

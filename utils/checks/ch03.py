@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 from utils.checks.core import (
@@ -10,6 +9,7 @@ from utils.checks.core import (
     call_on_copies,
     close,
     describe,
+    edited_config,
     expect_int,
     expect_tensor,
     mutation_message,
@@ -177,13 +177,6 @@ def _lora_count_cases():
     ]  # fmt: skip
 
 
-def _edited(config, **changes):
-    other = copy.deepcopy(config)
-    for key, value in changes.items():
-        setattr(other, key, value)
-    return other
-
-
 def _lora_count_hint(config, rank: int, targets: list[str], got: int, want: int) -> str:
     from utils import counting
 
@@ -202,9 +195,9 @@ def _lora_count_hint(config, rank: int, targets: list[str], got: int, want: int)
     if halves:
         return " Or:".join(halves)
     if config.head_dim != natural and got in (
-        counting.count_lora_params(_edited(config, head_dim=natural), rank, targets),
+        counting.count_lora_params(edited_config(config, head_dim=natural), rank, targets),
         counting.count_lora_params(
-            _edited(config, head_dim=natural, num_key_value_heads=heads), rank, targets
+            edited_config(config, head_dim=natural, num_key_value_heads=heads), rank, targets
         ),
     ):
         return (

@@ -311,3 +311,11 @@ def close(got, want, atol: float = 1e-5, rtol: float = 1e-5) -> bool:
 
     got, want = got.detach().to("cpu", torch.float64), want.detach().to("cpu", torch.float64)
     return got.shape == want.shape and bool(torch.allclose(got, want, atol=atol, rtol=rtol))
+
+
+def edited_config(config, **changes):
+    """A copy of ``config`` with some fields changed (to compute what a common mistake would count)."""
+    other = copy.deepcopy(config)
+    for key, value in changes.items():
+        setattr(other, key, value)
+    return other
