@@ -115,7 +115,6 @@ CHAPTERS: tuple[Chapter, ...] = (
         "training-hygiene",
         "Early stopping, perplexity and training hygiene",
         "Early stopping, perplexity, training hygiene",
-        written=False,
     ),
     Chapter(
         9,

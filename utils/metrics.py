@@ -163,3 +163,113 @@ def exact_match(
     for row, hit in zip(rows, hits, strict=True):
         per_task[row.get("task", "all")].append(hit)
     return score, {task: sum(v) / len(v) for task, v in sorted(per_task.items())}
+
+
+def perplexity_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """exp(mean next-token NLL) of a batch: ``logits`` (batch, seq, vocab), ``labels`` (batch, seq).
+
+    Position t predicts label t + 1 (the shift), labels of -100 (padding, masked prompts) are not
+    targets, and the mean is over every target token of the batch (not per sequence).
+    """
+    targets = labels[:, 1:]
+    n = int((targets != IGNORE_INDEX).sum())
+    if n == 0:
+        raise ValueError("No target tokens: every shifted label is -100 (or each sequence has one token).")
+    nll = F.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return math.exp(nll.item() / n)
+
+
+@torch.no_grad()
+def strided_nll(model, input_ids, max_length: int, stride: int) -> tuple[float, int]:
+    """Summed NLL (nats) and number of scored tokens of one long sequence of ``input_ids`` (a list or a
+    1-D tensor), window by window.
+
+    The transformers documentation's strided evaluation: windows of ``max_length`` tokens start every
+    ``stride`` tokens; each window scores only the tokens the previous one did not, so every token after
+    the first is scored exactly once, with at least ``max_length - stride`` tokens of context after the
+    first window. ``stride == max_length`` is disjoint chunks (each chunk's first token has no context
+    and is not scored). ``stride > max_length`` would skip tokens: a ValueError.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (a context and a target), got {max_length}.")
+    if not 1 <= stride <= max_length:
+        raise ValueError(
+            f"stride must be between 1 and max_length = {max_length}, got {stride}: a stride larger than "
+            "the window skips tokens that no window scores."
+        )
+    ids = torch.as_tensor(input_ids, dtype=torch.long).flatten()
+    if len(ids) < 2:
+        raise ValueError(
+            f"The text has {len(ids)} token(s): perplexity needs at least 2 (there is no target to predict)."
+        )
+    model.eval()
+    ids = ids[None].to(next(model.parameters()).device)
+    seq_len = ids.shape[1]
+    total_nll, total_tokens, prev_end = 0.0, 0, 0
+    for begin in range(0, seq_len, stride):
+        end = min(begin + max_length, seq_len)
+        window = ids[:, begin:end]
+        labels = window.clone()
+        labels[:, : -(end - prev_end)] = IGNORE_INDEX  # scored already by the previous window
+        logits = model(window).logits.float()
+        targets = labels[:, 1:]
+        total_nll += F.cross_entropy(
+            logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        ).item()
+        total_tokens += int((targets != IGNORE_INDEX).sum())
+        prev_end = end
+        if end == seq_len:
+            break
+    return total_nll, total_tokens
+
+
+def sliding_window_nll(
+    model, tokenizer, text: str, max_length: int, stride: int, prefix_bos: bool = True
+) -> tuple[float, int]:
+    """``strided_nll`` of ``text`` (BOS first with ``prefix_bos``, as ``perplexity``)."""
+    if max_length < 2 or not 1 <= stride <= max_length:
+        strided_nll(None, [0, 0], max_length, stride)  # the same errors before any encoding
+    return strided_nll(model, _encode(tokenizer, text, prefix_bos), max_length, stride)
+
+
+def sliding_window_perplexity(
+    model, tokenizer, text: str, max_length: int, stride: int, prefix_bos: bool = True
+) -> float:
+    """Perplexity of a text longer than the context, by strided windows (``sliding_window_nll``)."""
+    nll, n = sliding_window_nll(model, tokenizer, text, max_length, stride, prefix_bos)
+    return math.exp(nll / n)
+
+
+def classification_scores(y_true: list, y_pred: list) -> dict[str, float]:
+    """Accuracy, macro and micro precision / recall / F1 of single-label predictions.
+
+    Macro: the mean over the classes seen in ``y_true`` or ``y_pred`` (every class counts the same, so a
+    rare class missed weighs as much as a common one). Micro: from the counts pooled over classes, which
+    for single-label data equals accuracy.
+    """
+    if len(y_true) != len(y_pred) or not y_true:
+        raise ValueError(f"Need equally long, non-empty label lists; got {len(y_true)} and {len(y_pred)}.")
+    classes = sorted(set(y_true) | set(y_pred), key=str)
+    tp = {c: sum(t == p == c for t, p in zip(y_true, y_pred, strict=True)) for c in classes}
+    fp = {c: sum(p == c != t for t, p in zip(y_true, y_pred, strict=True)) for c in classes}
+    fn = {c: sum(t == c != p for t, p in zip(y_true, y_pred, strict=True)) for c in classes}
+
+    def prf(tp_, fp_, fn_):
+        precision = tp_ / (tp_ + fp_) if tp_ + fp_ else 0.0
+        recall = tp_ / (tp_ + fn_) if tp_ + fn_ else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return precision, recall, f1
+
+    per_class = [prf(tp[c], fp[c], fn[c]) for c in classes]
+    micro = prf(sum(tp.values()), sum(fp.values()), sum(fn.values()))
+    return {
+        "accuracy": sum(t == p for t, p in zip(y_true, y_pred, strict=True)) / len(y_true),
+        "macro_precision": sum(p for p, _, _ in per_class) / len(classes),
+        "macro_recall": sum(r for _, r, _ in per_class) / len(classes),
+        "macro_f1": sum(f for _, _, f in per_class) / len(classes),
+        "micro_precision": micro[0],
+        "micro_recall": micro[1],
+        "micro_f1": micro[2],
+    }
