@@ -72,7 +72,6 @@ CHAPTERS: tuple[Chapter, ...] = (
         "Full fine-tuning vs parameter-efficient fine-tuning",
         "Full fine-tuning vs PEFT",
         packages=("torch", "transformers", "peft"),
-        written=False,
     ),
     Chapter(
         3,
@@ -115,6 +114,7 @@ CHAPTERS: tuple[Chapter, ...] = (
         "training-hygiene",
         "Early stopping, perplexity and training hygiene",
         "Early stopping, perplexity, training hygiene",
+        packages=("torch", "transformers", "peft", "optuna"),
     ),
     Chapter(
         9,

@@ -42,6 +42,9 @@ COLAB_PACKAGES = (
     "datasets",
     "accelerate",
     "huggingface_hub",
+    "optuna",  # chapter 08: Trainer.hyperparameter_search
+    "sacrebleu",  # chapter 08: BLEU
+    "rouge-score",  # chapter 08: ROUGE
 )
 
 
