@@ -1,6 +1,6 @@
 """Exercise checkers: call the learner's function, compare with the reference, say what differs.
 
-One module per chapter (``ch00``, ``ch01``, ``ch03``, ``ch04``, ``ch08``) around the shared ``core.run_check``;
+One module per chapter (``ch00``, ``ch01``, ``ch02``, ``ch03``, ``ch04``, ``ch08``) around the shared ``core.run_check``;
 every public name is re-exported here, so ``from utils.checks import check_pack`` and
 ``checks.check_lora_forward(...)`` work as they always did.
 
@@ -25,6 +25,12 @@ from utils.checks.ch01 import (
     check_pack,
     labels_from_ids_reference,
 )
+from utils.checks.ch02 import (
+    check_full_finetuning_bytes,
+    check_make_bitfit,
+    full_finetuning_bytes_reference,
+    make_bitfit_reference,
+)
 from utils.checks.ch03 import check_lora_count, check_lora_forward, check_rank_k_approx
 from utils.checks.ch04 import check_seq_cls_lora_config, check_trainable_count
 from utils.checks.ch08 import (
@@ -38,9 +44,11 @@ __all__ = [
     "CheckFailed",
     "check_causal_lm_loss",
     "check_early_stopper",
+    "check_full_finetuning_bytes",
     "check_labels_from_ids",
     "check_lora_count",
     "check_lora_forward",
+    "check_make_bitfit",
     "check_pack",
     "check_perplexity_from_logits",
     "check_param_count",
@@ -49,6 +57,8 @@ __all__ = [
     "check_sliding_window_perplexity",
     "check_trainable_count",
     "count_llama_params_reference",
+    "full_finetuning_bytes_reference",
     "labels_from_ids_reference",
+    "make_bitfit_reference",
     "run_check",
 ]
