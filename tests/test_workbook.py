@@ -66,7 +66,7 @@ def test_header_title_and_setup_cell_come_from_the_manifest():
 
     cells = workbook.header_cells("03_lora_math.ipynb")
     assert cells[0].source.startswith("# 03 LoRA: the math and parameter counting\n")
-    assert "env.setup_notebook(packages=('torch', 'transformers', 'peft'))" in cells[2].source
+    assert 'env.setup_notebook(packages=("torch", "transformers", "peft"))' in cells[2].source
     with pytest.raises(ValueError, match="No chapter has the notebook"):
         workbook.header_cells("99_nothing.ipynb")
     assert course.chapter(3).solution.name == "03_lora_math.ipynb"

