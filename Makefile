@@ -5,7 +5,7 @@ STAMP   := .venv/.installed
 TORCH   := torch==2.13.0
 ARGS    ?=
 
-.PHONY: lab test notebooks execute bench data pretrain doctor lint clean-venv
+.PHONY: lab test test-literal notebooks execute bench data pretrain doctor lint clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -18,11 +18,17 @@ lab: $(STAMP)  ## open the course in JupyterLab (headless: make lab ARGS="--no-b
 	$(PY) -m ipykernel install --user --name finetuning-course --display-name "Python (fine-tuning course)" >/dev/null
 	$(PY) -m jupyter lab --notebook-dir=. $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
 
-test: $(STAMP)  ## lint, unit tests, every notebook (solutions and student copies, two at a time), consistency checks
+NBVAL   := -m pytest -q -n 2 --dist loadfile --nbval-lax --nbval-current-env -p no:cacheprovider
+
+test: $(STAMP)  ## lint, unit and consistency tests, every notebook with its student copy's exercises (two at a time)
 	$(PY) -m ruff check $(LINTED)
 	$(PY) -m ruff format --check $(LINTED)
 	$(PY) -m pytest tests -q -n 2 --dist loadfile
-	$(PY) -m pytest -q -n 2 --dist loadfile --nbval-lax --nbval-current-env -p no:cacheprovider solutions notebooks
+	$(PY) -m utils.workbook --nbtest  # each solution, with its student copy's exercise cells run inside it
+	$(PY) $(NBVAL) .nbtest
+
+test-literal: $(STAMP)  ## every solution and every student copy executed as a file of its own (twice the time)
+	$(PY) $(NBVAL) solutions notebooks
 
 notebooks: $(STAMP)  ## regenerate notebooks/ from solutions/ (and refresh every notebook's header cells)
 	$(PY) -m utils.workbook

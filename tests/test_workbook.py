@@ -92,3 +92,66 @@ def test_readme_course_map_is_generated_from_the_manifest():
     assert workbook.readme_text(text) == text, "run `make notebooks` to refresh the README course map"
     for ch in course.CHAPTERS:
         assert f"| {ch.id} | {ch.short_title} |" in text
+
+
+# The notebook tests run each student copy's exercise and check cells inside its solution's run
+# (utils.workbook.nbtest_notebook); that covers the student copy only if no later cell depends on the exercise.
+
+
+def test_no_cell_after_an_exercise_uses_the_learners_names():
+    for path in sorted(workbook.SOLUTIONS.glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        assert workbook.exercise_dependencies(nb) == [], path.name
+        for i, j in workbook.exercises(nb):
+            assert "check" in nb.cells[j].source, f"{path.name}: cell {j} after exercise cell {i} is not its check"
+
+
+def _toy_solution(*sources):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(s) for s in sources]
+    return nb
+
+
+EXERCISE = "def double(x):\n    ### BEGIN SOLUTION\n    return 2 * x\n    ### END SOLUTION"
+CHECK = "checks.run_check('double', double, lambda f: f(3))"
+
+
+def test_a_later_cell_that_calls_the_exercise_is_found():
+    nb = _toy_solution("from utils import checks", EXERCISE, CHECK, "y = double(4)", "z = 5")
+    assert workbook.exercises(nb) == [(1, 2)]
+    problems = workbook.exercise_dependencies(nb)
+    assert len(problems) == 1 and "cell 3 reads ['double']" in problems[0]
+    nb = _toy_solution(EXERCISE, "ok = checks.run_check('double', double, lambda f: f(3))", "print(ok)")
+    assert "cell 2 reads ['ok']" in workbook.exercise_dependencies(nb)[0]  # the check's result differs too
+
+
+def test_nbtest_notebook_runs_the_stub_and_its_check_then_the_solution_again():
+    nb = _toy_solution("from utils import checks", EXERCISE, CHECK, "z = 5")
+    cells = [c.source for c in workbook.nbtest_notebook(nb).cells]
+    assert cells[:3] == [c.source for c in nb.cells[:3]] and cells[-1] == "z = 5"
+    inserted = cells[3:-1]
+    assert len(inserted) == 4 and "save_state()" in inserted[0]
+    assert "raise NotImplementedError" in inserted[1] and inserted[2] == CHECK
+    assert inserted[3].startswith("_nbtest.expect_not_attempted") and "return 2 * x" in inserted[3]
+    namespace = {}
+    for source in cells:  # runs as a kernel would: the stub's check reports "not attempted", then z is set
+        exec(source, namespace)
+    assert namespace["z"] == 5 and namespace["double"](2) == 4
+
+
+def test_expect_not_attempted_fails_when_a_stub_passes_or_no_check_ran():
+    from utils.checks import core
+
+    state = workbook.save_state()
+    with pytest.raises(AssertionError, match="not attempted"):
+        workbook.expect_not_attempted(state)  # no check ran at all
+    core.run_check("double", lambda x: 2 * x, lambda f: f(3))
+    with pytest.raises(AssertionError, match="not attempted"):
+        workbook.expect_not_attempted(state)  # a check that passed: the stub was not a stub
+    import torch
+
+    before = torch.get_rng_state()
+    state = workbook.save_state()
+    torch.rand(3)
+    workbook.restore_state(state)
+    assert torch.equal(torch.get_rng_state(), before)

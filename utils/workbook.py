@@ -228,6 +228,142 @@ def sync_all(check_only: bool = False) -> list[str]:
     return stale
 
 
+# The notebook tests. Every solution notebook runs top to bottom under nbval. Its student copy differs from it only
+# in its exercise cells (solution regions replaced by a stub, hidden tests removed, output markers dropped), and the
+# cells after an exercise use the reference in ``utils``, never the learner's names (``exercise_dependencies``
+# finds any that do; tests/test_workbook.py asserts there are none). So the student copy's run is the solution's
+# run with each exercise cell swapped for its stub: ``nbtest_notebook`` runs exactly that swap inside the solution's
+# run (the stub cell, then its check cell, which must report "not attempted"; then the solution's cell again, and
+# the random generators put back as they were), and every student copy is covered without training its models a
+# second time. ``make test-literal`` also executes every file in notebooks/ on its own.
+
+NBTEST_DIR = ROOT / ".nbtest"  # same depth as solutions/, so relative paths resolve alike; git-ignored
+
+
+def _code_names(source: str) -> tuple[set[str], set[str]]:
+    """(names a cell binds at top level, names it reads anywhere) by its syntax tree; IPython magics skipped."""
+    import ast
+
+    lines = [line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))]
+    tree = ast.parse("\n".join(lines))
+    bound: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                bound |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+    read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    return bound, read
+
+
+def exercises(solution) -> list[tuple[int, int]]:
+    """(exercise cell, its check cell) index pairs: a code cell with a solution region, and the next code cell."""
+    pairs = []
+    for i, cell in enumerate(solution.cells):
+        if cell.cell_type == "code" and BEGIN_SOLUTION in cell.source:
+            j = next((k for k in range(i + 1, len(solution.cells)) if solution.cells[k].cell_type == "code"), None)
+            if j is None:
+                raise ValueError(f"exercise cell {i} has no check cell after it")
+            pairs.append((i, j))
+    return pairs
+
+
+def exercise_dependencies(solution) -> list[str]:
+    """Cells after an exercise's check that read a name the exercise cell or its check cell binds (they would
+    run the learner's code or see its check's result, not the reference); empty when the notebook keeps the rule."""
+    problems = []
+    for i, j in exercises(solution):
+        defined = _code_names(solution.cells[i].source)[0] | _code_names(solution.cells[j].source)[0]
+        for k in range(j + 1, len(solution.cells)):
+            cell = solution.cells[k]
+            if cell.cell_type != "code" or k in {e for e, _ in exercises(solution)}:
+                continue
+            used = defined & _code_names(cell.source)[1]
+            if used:
+                problems.append(f"cell {k} reads {sorted(used)}, bound by exercise cell {i} or its check")
+    return problems
+
+
+def nbtest_notebook(solution) -> nbformat.NotebookNode:
+    """The solution notebook with, after each exercise's check cell, the student copy's exercise and check cells,
+    an assert that the check reported "not attempted", and the solution's exercise cell again."""
+    student = make_student(solution)
+    nb = copy.deepcopy(solution)
+    inserted = 0
+    for i, j in exercises(solution):
+        before = (
+            "# nbtest: the student copy's exercise and check cells run here (see utils/workbook.py)\n"
+            "import utils.workbook as _nbtest\n\n_nbtest_state = _nbtest.save_state()"
+        )
+        after = (
+            "_nbtest.expect_not_attempted(_nbtest_state)\n"
+            + solution.cells[i].source.replace("# NBVAL_CHECK_OUTPUT", "")
+            + "\n_nbtest.restore_state(_nbtest_state)"
+        )
+        cells = [
+            nbformat.v4.new_code_cell(before),
+            nbformat.v4.new_code_cell(student.cells[i].source),
+            nbformat.v4.new_code_cell(student.cells[j].source),
+            nbformat.v4.new_code_cell(after),
+        ]
+        at = j + 1 + inserted
+        nb.cells[at:at] = cells
+        inserted += len(cells)
+    return nb
+
+
+def save_state() -> dict:
+    """The random generators' states and how many checks have run (taken before a stub's cells run)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from utils.checks import core
+
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "checks": len(core.RESULTS),
+    }
+
+
+def expect_not_attempted(state: dict) -> None:
+    """Fail unless every check since ``state`` ran and reported "not attempted" (None)."""
+    from utils.checks import core
+
+    since = core.RESULTS[state["checks"] :]
+    if not since or any(result is not None for _, result in since):
+        raise AssertionError(f"the student copy's check cell should report 'not attempted', got {since}")
+
+
+def restore_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def write_nbtest(directory: Path = NBTEST_DIR) -> list[Path]:
+    """Write ``nbtest_notebook`` of every solution into ``directory`` (what ``make test`` executes)."""
+    directory.mkdir(exist_ok=True)
+    for old in directory.glob("*.ipynb"):
+        old.unlink()
+    paths = []
+    for sol in sorted(SOLUTIONS.glob("*.ipynb")):
+        path = directory / sol.name
+        write_notebook(nbtest_notebook(nbformat.read(sol, as_version=4)), path)
+        paths.append(path)
+    return paths
+
+
 PEAK_MEMORY_PROBE = (
     "import resource, sys\n"
     "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform != 'darwin' else 2**30))"
@@ -260,6 +396,10 @@ def execute(path: Path, timeout: int = 900) -> tuple[float, float]:
 
 
 if __name__ == "__main__":
+    if "--nbtest" in sys.argv:
+        for path in write_nbtest():
+            print(f"wrote {path.relative_to(ROOT)}")
+        sys.exit(0)
     if "--execute" in sys.argv:
         names = [a for a in sys.argv[1:] if not a.startswith("--")]
         for sol in sorted(SOLUTIONS.glob("*.ipynb")):

@@ -142,12 +142,23 @@ def stub_state(fn: Callable) -> str | None:
     return HAS_BODY if others else NOT_ATTEMPTED
 
 
+# Every check's (name, result), in the order they ran in this process: the notebook tests read it to
+# confirm that a student copy's check reports "not attempted" (``utils.workbook.nbtest_notebook``).
+RESULTS: list[tuple[str, bool | None]] = []
+
+
 def run_check(name: str, fn: Callable, body: Callable[[Callable], Any]) -> bool | None:
     """Run ``body(fn)``, which raises ``CheckFailed`` with a hint when ``fn`` is wrong.
 
     Returns True (passed), False (wrong, or the function crashed) or None (not attempted yet: the stub's
     ``raise NotImplementedError`` is still what runs). Never raises on the learner's behalf.
     """
+    result = _run_check(name, fn, body)
+    RESULTS.append((name, result))
+    return result
+
+
+def _run_check(name: str, fn: Callable, body: Callable[[Callable], Any]) -> bool | None:
     try:
         body(_guard(fn))
     except _LearnerRaised as wrapped:
