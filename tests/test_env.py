@@ -87,3 +87,20 @@ def test_setup_notebook_prints_versions_and_sets_one_thread(capsys):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_progress_bars_are_one_switch(monkeypatch):
+    for name in ("COURSE_PROGRESS", "CI", "PYTEST_CURRENT_TEST"):
+        monkeypatch.delenv(name, raising=False)
+    assert env.progress_enabled()  # an interactive session
+    monkeypatch.setenv("CI", "true")
+    assert not env.progress_enabled()  # CI and nbval: outputs hold results, not bars
+    monkeypatch.setenv("COURSE_PROGRESS", "1")
+    assert env.progress_enabled()  # the explicit switch wins
+    bar = env.progress(range(3), desc="x")
+    assert list(bar) == [0, 1, 2]
+    bar.close()
+    monkeypatch.setenv("COURSE_PROGRESS", "0")
+    quiet = env.progress(total=5)
+    quiet.update(2), quiet.set_postfix(loss=1.0), quiet.close()  # the same methods, drawing nothing
+    assert list(env.progress([1, 2])) == [1, 2]

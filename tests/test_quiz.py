@@ -274,14 +274,42 @@ def test_quiz_falls_back_to_text_under_pytest(capsys):
 
 def test_quiz_in_a_kernel_shows_widgets_and_a_line_for_static_views(monkeypatch, capsys):
     import IPython.display
-    import ipywidgets
 
     shown = []
     monkeypatch.setattr(quiz, "widgets_can_render", lambda: True)
     monkeypatch.setattr(IPython.display, "display", lambda obj, **kwargs: shown.append(obj))
     quiz.quiz(chapter=4, n=3)
     assert "3 questions from chapter 04" in capsys.readouterr().out
-    assert len(shown) == 1 and isinstance(shown[0], ipywidgets.VBox)
+    assert len(shown) == 1
+    bundle = shown[0]  # the widget's own display data, with the text quiz as its plain-text form
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    entries = quiz.select_questions(4, seed=0, n=3)
+    assert bundle["text/plain"].startswith(quiz.WIDGET_FALLBACK)
+    assert all(
+        e["question_en"] in bundle["text/plain"] and e["answer_en"] in bundle["text/plain"] for e in entries
+    )
+    assert "VBox" not in bundle["text/plain"]
+    assert bundle["application/vnd.jupyter.widget-view+json"][
+        "model_id"
+    ]  # the deck's model, for a widget front end
+
+
+def test_text_true_forces_text_and_a_broken_widget_library_falls_back(monkeypatch, capsys):
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(quiz, "widgets_can_render", lambda: True)
+    monkeypatch.setattr(IPython.display, "display", lambda obj, **kwargs: shown.append(obj))
+    quiz.quiz(chapter=4, n=2, text=True)
+    assert shown == [] and "text mode" in capsys.readouterr().out
+
+    def broken(*args):
+        raise RuntimeError("no comm")
+
+    monkeypatch.setattr(quiz, "_quiz_widget", broken)
+    quiz.quiz(chapter=4, n=2)
+    out = capsys.readouterr().out
+    assert "widgets unavailable: no comm; showing text" in out and "text mode" in out
 
 
 def test_quiz_widget_reveals_grades_and_switches_language():

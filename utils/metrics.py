@@ -13,6 +13,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from utils.env import progress
 from utils.sft import IGNORE_INDEX, collate  # -100: the label value cross-entropy skips
 
 
@@ -105,7 +106,10 @@ def generate_answers(
     tokenizer.padding_side = "left"
     answers: list[str] = []
     try:
-        for chunk in _batches(prompts, batch_size):
+        batches = progress(
+            _batches(prompts, batch_size), total=math.ceil(len(prompts) / batch_size), desc="generating"
+        )
+        for chunk in batches:
             texts = [
                 tokenizer.apply_chat_template(
                     [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True

@@ -694,17 +694,35 @@ def _show(markdown: str, plain: str) -> None:
         display({"text/markdown": markdown, "text/plain": plain}, raw=True)
 
 
+WIDGET_FALLBACK = (
+    "The flashcards did not render here: this front end shows no ipywidgets (no widget manager: VS Code "
+    "without the Jupyter extension's widget support, an old JupyterLab, a static viewer). The questions and "
+    "answers follow as text; quiz(..., text=True) prints only this."
+)
+
+
+def widget_bundle(deck: Any, entries: list[dict[str, Any]], lang: str) -> dict[str, Any]:
+    """The deck's display data with the text quiz as its ``text/plain``: a front end that cannot render the
+    widget shows the text instead of the widget's bare repr (``VBox(children=...)``)."""
+    bundle = dict(deck._repr_mimebundle_())
+    bundle["text/plain"] = f"{WIDGET_FALLBACK}\n\n{questions_text(entries, lang)}"
+    return bundle
+
+
 def quiz(
     chapter: int | None = None,
     tags: list[str] | str | None = None,
     lang: str = "en",
     seed: int | None = 0,
     n: int | None = None,
+    text: bool | None = None,
 ) -> None:
     """Quiz yourself on the bank: widgets in a live notebook, readable text everywhere else.
 
     Bad arguments (chapter, tag, language, n) raise ValueError; rendering never does: if widgets cannot
     show (no kernel, CI, nbval, ``COURSE_QUIZ_TEXT=1``) or fail, the questions and answers print as text.
+    ``text=True`` asks for text, ``text=False`` for the widgets. A front end that has a kernel but cannot draw
+    widgets shows the text too: it is the widget output's plain-text form (``widget_bundle``).
     """
     _check_lang(lang)
     entries = select_questions(chapter, tags, seed, n)
@@ -714,7 +732,9 @@ def quiz(
     if not entries:
         _show(f"*No questions for {scope}.*", f"No questions for {scope}.")
         return
-    if widgets_can_render():
+    if text is None:
+        text = not widgets_can_render()
+    if not text:
         try:
             deck = _quiz_widget(entries, lang)
             from IPython.display import display
@@ -724,9 +744,9 @@ def quiz(
                 f"in a static view read {LESSON_LINK} or run `python -m utils.quiz` in a terminal."
             )
             _show(f"*{note}*", note)
-            display(deck)
+            display(widget_bundle(deck, entries, lang), raw=True)
             return
-        except Exception as error:  # a broken widget frontend must not stop the notebook
+        except Exception as error:  # a broken widget library must not stop the notebook
             print(f"(widgets unavailable: {error}; showing text)")
     header = f"{_count(entries)} from {scope} (text mode: widgets need a live Jupyter kernel)."
     plain = f"{header}\n\n{questions_text(entries, lang)}"

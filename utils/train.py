@@ -30,6 +30,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from utils.env import progress
 from utils.sft import IGNORE_INDEX, collate
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -112,6 +113,7 @@ def train_loop(
     early_stopping: EarlyStopping | None = None,
     on_epoch_start: Callable[[int], None] | None = None,
     on_log: Callable[[dict], None] | None = None,
+    on_gradients: Callable[[int, float], None] | None = None,
     shuffle: bool = True,
     seed: int = 0,
     log_every: int = 20,
@@ -130,7 +132,9 @@ def train_loop(
     one batch of k * batch_size examples (exactly, up to float rounding, even with answers of mixed length).
 
     ``on_epoch_start(epoch)`` runs before each epoch (gradual unfreezing changes ``requires_grad`` there);
-    ``on_log(entry)`` after each logged step (progress lines).
+    ``on_log(entry)`` after each logged step (progress lines). ``on_gradients(step, loss)`` after each
+    step's backward pass, before clipping and the update, with the 1-based step and its loss: a check that
+    reads the gradients there (``utils.quant.LearningGuard`` raises when trainable tensors get none).
 
     ``eval_fn(model) -> {"eval_loss": ...}`` runs every ``eval_every`` optimizer steps (and at the end);
     with ``early_stopping`` the loop stops when the metric stops improving and loads the best weights back.
@@ -172,6 +176,7 @@ def train_loop(
 
     history: list[dict] = []
     best_value, best_state, bad_evals, stopped = None, None, 0, False
+    bar = progress(total=total, desc="training")  # drawn only in an interactive session (utils.env.progress)
     step, running, counted, start = 0, 0.0, 0, time.time()
 
     def evaluate(entry: dict) -> bool:
@@ -221,12 +226,15 @@ def train_loop(
                 scaler.scale(loss * share if share != 1.0 else loss).backward()
                 step_loss += loss.item() * share
             scaler.unscale_(opt)
+            if on_gradients is not None:
+                on_gradients(step + 1, step_loss)
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(all_params, max_grad_norm)
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
             step += 1
+            bar.update(1)
             running, counted = running + step_loss, counted + 1
             at_eval = eval_fn is not None and ((eval_every and step % eval_every == 0) or step == total)
             if step % log_every == 0 or step == total or at_eval:
@@ -241,12 +249,14 @@ def train_loop(
                     stopped = evaluate(entry)
                 entry["seconds"] = time.time() - start
                 history.append(entry)
+                bar.set_postfix(loss=f"{entry['loss']:.3f}")
                 if on_log is not None:
                     on_log(entry)
             if stopped or step >= total:
                 break
         if stopped:
             break
+    bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

@@ -45,6 +45,7 @@ COLAB_PACKAGES = (
     "optuna",  # chapter 08: Trainer.hyperparameter_search
     "sacrebleu",  # chapter 08: BLEU
     "rouge-score",  # chapter 08: ROUGE
+    "trl",  # chapter 10: SFTTrainer
 )
 
 
@@ -263,7 +264,9 @@ def exercises(solution) -> list[tuple[int, int]]:
     pairs = []
     for i, cell in enumerate(solution.cells):
         if cell.cell_type == "code" and BEGIN_SOLUTION in cell.source:
-            j = next((k for k in range(i + 1, len(solution.cells)) if solution.cells[k].cell_type == "code"), None)
+            j = next(
+                (k for k in range(i + 1, len(solution.cells)) if solution.cells[k].cell_type == "code"), None
+            )
             if j is None:
                 raise ValueError(f"exercise cell {i} has no check cell after it")
             pairs.append((i, j))
@@ -336,7 +339,7 @@ def expect_not_attempted(state: dict) -> None:
     from utils.checks import core
 
     since = core.RESULTS[state["checks"] :]
-    if not since or any(result is not None for _, result in since):
+    if not since or any(r.result is not None for r in since):
         raise AssertionError(f"the student copy's check cell should report 'not attempted', got {since}")
 
 
@@ -382,6 +385,7 @@ def execute(path: Path, timeout: int = 900) -> tuple[float, float]:
     from nbclient import NotebookClient
 
     os.environ["COURSE_QUIZ_TEXT"] = "1"
+    os.environ["COURSE_PROGRESS"] = "0"  # committed outputs hold results, not progress bars
     nb = nbformat.read(path, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(PEAK_MEMORY_PROBE))  # measured, then removed
     start = time.time()

@@ -21,11 +21,15 @@ import copy
 import functools
 import importlib.util
 import inspect
+import json
 import numbers
+import os
+import sys
 import sysconfig
 import textwrap
 import traceback
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -142,9 +146,21 @@ def stub_state(fn: Callable) -> str | None:
     return HAS_BODY if others else NOT_ATTEMPTED
 
 
-# Every check's (name, result), in the order they ran in this process: the notebook tests read it to
-# confirm that a student copy's check reports "not attempted" (``utils.workbook.nbtest_notebook``).
-RESULTS: list[tuple[str, bool | None]] = []
+@dataclass(frozen=True)
+class CheckResult:
+    """One run of a checker: which ``check_*`` function ran it, the exercise's name, True (right), False
+    (wrong, with the reason in ``message``) or None (not attempted), and the line the learner was shown."""
+
+    checker: str
+    name: str
+    result: bool | None
+    message: str
+
+
+# Every check that ran in this process, in order: ``python -m utils.grade`` reads them from a learner's kernel,
+# and the notebook tests confirm that a student copy's check reports "not attempted" (``utils.workbook``).
+RESULTS: list[CheckResult] = []
+GRADE_RESULTS_ENV = "COURSE_GRADE_RESULTS"
 
 
 def run_check(name: str, fn: Callable, body: Callable[[Callable], Any]) -> bool | None:
@@ -153,12 +169,20 @@ def run_check(name: str, fn: Callable, body: Callable[[Callable], Any]) -> bool 
     Returns True (passed), False (wrong, or the function crashed) or None (not attempted yet: the stub's
     ``raise NotImplementedError`` is still what runs). Never raises on the learner's behalf.
     """
-    result = _run_check(name, fn, body)
-    RESULTS.append((name, result))
+    result, message = _run_check(name, fn, body)
+    print(message)
+    caller = sys._getframe(1).f_code.co_name  # the check_* function that called us
+    record = CheckResult(caller, name, result, message)
+    RESULTS.append(record)
+    if os.environ.get(
+        GRADE_RESULTS_ENV
+    ):  # set by utils.grade: one JSON line per check, kept if the kernel dies
+        with open(os.environ[GRADE_RESULTS_ENV], "a", encoding="utf-8") as f:
+            f.write(json.dumps(record.__dict__) + "\n")
     return result
 
 
-def _run_check(name: str, fn: Callable, body: Callable[[Callable], Any]) -> bool | None:
+def _run_check(name: str, fn: Callable, body: Callable[[Callable], Any]) -> tuple[bool | None, str]:
     try:
         body(_guard(fn))
     except _LearnerRaised as wrapped:
@@ -167,30 +191,24 @@ def _run_check(name: str, fn: Callable, body: Callable[[Callable], Any]) -> bool
         raised_by_learner = bool(frames) and not is_library_frame(frames[-1].filename)
         if isinstance(err, NotImplementedError) and raised_by_learner:
             if stub_state(fn) == HAS_BODY:
-                print(
+                return None, (
                     f"[{name}] your function still holds the stub's `raise NotImplementedError(...)` line, "
                     "so the code you wrote never runs: delete that line, run the cell, then run this cell again."
                 )
-            else:
-                print(
-                    f"[{name}] not attempted yet: fill in the function above, run its cell, then run this cell again."
-                )
-            return None
+            return None, (
+                f"[{name}] not attempted yet: fill in the function above, run its cell, then run this cell again."
+            )
         frame = learner_frame(err)
         where = f"\n    {_where(frame)}" if frame else ""
-        print(f"[{name}] your function raised {type(err).__name__}: {err}{where}")
-        return False
+        return False, f"[{name}] your function raised {type(err).__name__}: {err}{where}"
     except CheckFailed as err:
-        print(f"[{name}] not yet right: {err}")
-        return False
+        return False, f"[{name}] not yet right: {err}"
     except Exception as err:  # the checker could not use the result: never blame the learner's code
-        print(
+        return False, (
             f"[{name}] not yet right: the check could not use what your function returned "
             f"({type(err).__name__}: {err}). Look at the type and shape of what you return."
         )
-        return False
-    print(f"[{name}] correct.")
-    return True
+    return True, f"[{name}] correct."
 
 
 # Fresh inputs, and whether the learner's function changed them.
