@@ -5,13 +5,13 @@ STAMP   := .venv/.installed
 TORCH   := torch==2.13.0
 ARGS    ?=
 
-.PHONY: lab test test-literal notebooks execute bench data pretrain doctor lint clean-venv
+.PHONY: lab test test-literal classroom grade notebooks execute bench data pretrain doctor lint clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,classroom]"
 	touch $(STAMP)
 
 lab: $(STAMP)  ## open the course in JupyterLab (headless: make lab ARGS="--no-browser")
@@ -35,6 +35,13 @@ notebooks: $(STAMP)  ## regenerate notebooks/ from solutions/ (and refresh every
 
 execute: $(STAMP)  ## run every solution notebook in place, so its committed outputs are current
 	$(PY) -m utils.workbook --execute $(NB)
+
+classroom: $(STAMP)  ## an nbgrader course in classroom/ from solutions/ (then: cd classroom && nbgrader ...)
+	$(PY) -m utils.classroom classroom
+	@echo "nbgrader runs from the course's .venv: export PATH=$(CURDIR)/.venv/bin:\$$PATH"
+
+grade: $(STAMP)  ## grade submissions without nbgrader: make grade ARGS="submissions/"
+	$(PY) -m utils.grade $(ARGS)
 
 bench: $(STAMP)  ## benchmarks; writes benchmarks/RESULTS.md
 	$(PY) -m benchmarks.run
