@@ -5,7 +5,7 @@ STAMP   := .venv/.installed
 TORCH   := torch==2.13.0
 ARGS    ?=
 
-.PHONY: lab test test-literal classroom grade notebooks execute bench data pretrain doctor lint clean-venv
+.PHONY: lab test browser test-literal classroom grade notebooks execute bench data pretrain doctor lint clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -20,12 +20,19 @@ lab: $(STAMP)  ## open the course in JupyterLab (headless: make lab ARGS="--no-b
 
 NBVAL   := -m pytest -q -n 2 --dist loadfile --nbval-lax --nbval-current-env -p no:cacheprovider
 
-test: $(STAMP)  ## lint, unit and consistency tests, every notebook with its student copy's exercises (two at a time)
+test: $(STAMP) browser  ## lint, unit, consistency and browser tests, every notebook with its student copy's exercises
 	$(PY) -m ruff check $(LINTED)
 	$(PY) -m ruff format --check $(LINTED)
-	$(PY) -m pytest tests -q -n 2 --dist loadfile
+	$(PY) -m pytest tests -q -rfEs -n 2 --dist loadfile
 	$(PY) -m utils.workbook --nbtest  # each solution, with its student copy's exercise cells run inside it
 	$(PY) $(NBVAL) .nbtest
+
+browser:  ## Chromium and CJK fonts for tests/test_browser.py (Debian/Ubuntu as root; elsewhere it says what to do)
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium and fonts-noto-cjk for the browser test (about a minute)"; \
+		apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-cjk >/dev/null; \
+	else echo "no chromium: tests/test_browser.py will be skipped (install Debian's chromium and fonts-noto-cjk)"; fi
 
 test-literal: $(STAMP)  ## every solution and every student copy executed as a file of its own (twice the time)
 	$(PY) $(NBVAL) solutions notebooks

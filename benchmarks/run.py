@@ -8,6 +8,8 @@ shared machine hits both), and the table reports medians over the repeats. Targe
 * a merged model as fast as the base model (ratio 1.00 within noise): merging leaves the architecture unchanged;
 * the unmerged overhead, for reference: two extra small matmuls per adapted layer.
 * the training-memory estimate of ``utils.memory`` equal to the measurement (``benchmarks/memory.py``).
+* gradient checkpointing's step time (about 4/3, one extra forward of the layers) and saved-activation ratio, and a
+  2-process DDP step against one process (``benchmarks/speed.py``);
 * every chapter's notebook within its CPU budget (``utils.course``): the wall times ``make execute`` measured.
 """
 
@@ -125,6 +127,7 @@ def write_results(
     repeats: int,
     seconds: float,
     memory_rows: list[dict] | None = None,
+    speed: tuple[list[dict], dict] | None = None,
 ) -> str:
     base = inference["base"]
     lines = [
@@ -173,6 +176,10 @@ def write_results(
         from benchmarks.memory import memory_section
 
         lines += memory_section(memory_rows)
+    if speed:  # benchmarks/speed.py: checkpointing's price, DDP against one process
+        from benchmarks.speed import speed_section
+
+        lines += speed_section(*speed)
     lines += notebook_budget_section()
     text = "\n".join(lines)
     RESULTS.write_text(text, encoding="utf-8")
@@ -225,7 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.memory import bench_memory
 
     memory_rows = bench_memory()
-    print(write_results(layer_rows, inference, args.repeats, time.time() - start, memory_rows))
+    from benchmarks.speed import bench_checkpointing, bench_ddp
+
+    speed = (bench_checkpointing(), bench_ddp())
+    print(write_results(layer_rows, inference, args.repeats, time.time() - start, memory_rows, speed))
 
 
 if __name__ == "__main__":

@@ -90,9 +90,17 @@ def test_setup_notebook_prints_versions_and_sets_one_thread(capsys):
 
 
 def test_progress_bars_are_one_switch(monkeypatch):
+    import IPython
+
+    class Kernel:
+        kernel = object()
+
     for name in ("COURSE_PROGRESS", "CI", "PYTEST_CURRENT_TEST"):
         monkeypatch.delenv(name, raising=False)
-    assert env.progress_enabled()  # an interactive session
+    monkeypatch.setattr(env.sys.stderr, "isatty", lambda: False, raising=False)
+    assert not env.progress_enabled()  # a script whose output goes to a file
+    monkeypatch.setattr(IPython, "get_ipython", lambda: Kernel())
+    assert env.progress_enabled()  # a Jupyter kernel
     monkeypatch.setenv("CI", "true")
     assert not env.progress_enabled()  # CI and nbval: outputs hold results, not bars
     monkeypatch.setenv("COURSE_PROGRESS", "1")

@@ -140,3 +140,38 @@ def test_command_line_and_bad_input(course, tmp_path, capsys):
     assert code == 0 and json.loads(out.read_text())["-"][0]["status"] == "right"
     assert grade.main([str(tmp_path / "missing")]) == 2
     assert "No notebook or folder" in capsys.readouterr().err
+
+
+def test_a_checker_of_two_parts_is_right_only_when_both_are():
+    from utils.checks.core import verdict
+
+    def part(invocation, result, message=""):
+        return {
+            "checker": "check_blockwise_absmax",
+            "invocation": invocation,
+            "result": result,
+            "message": message,
+        }
+
+    assert verdict([]) == ("not run", "its check did not run")
+    assert verdict([part(1, False, "codes off"), part(1, True)]) == ("wrong", "codes off")  # quantize wrong
+    assert verdict([part(1, True), part(1, None)]) == ("not attempted", "")  # dequantize still a stub
+    assert verdict([part(1, False, "x"), part(1, True), part(2, True), part(2, True)]) == (
+        "right",
+        "",
+    )  # re-run
+
+
+def test_invocations_tell_two_calls_of_one_checker_apart(capsys):
+    from utils.checks import core
+
+    def check_two_parts(a, b):
+        core.run_check("part a", a, lambda f: f())
+        core.run_check("part b", b, lambda f: f())
+
+    start = len(core.RESULTS)
+    check_two_parts(lambda: None, lambda: None)
+    check_two_parts(lambda: None, lambda: None)
+    calls = [r.invocation for r in core.RESULTS[start:]]
+    assert calls[0] == calls[1] and calls[2] == calls[3] and calls[1] != calls[2]
+    assert core.last_check_passed()

@@ -295,3 +295,132 @@ def test_other_bad_inputs():
     frozen.requires_grad_(False)
     with pytest.raises(ValueError, match="No parameter of this model requires grad"):
         memory.measure_training_memory(frozen, _ids(SMALL["vocab_size"]))
+
+
+# ------------------------------------------------------------------- one layer's activations (chapter 07)
+
+MHA = {**SMALL, "num_key_value_heads": SMALL["num_attention_heads"]}
+
+
+@pytest.mark.parametrize("precision, value_bytes", [("fp32", 4), ("bf16", 2)])
+def test_llama_layer_formula_equals_the_op_walk_and_the_measurement(precision, value_bytes):
+    config = LlamaConfig(**MHA)
+    walk = memory.layer_activation_bytes(config, batch_size=B, seq_len=T, precision=precision)
+    formula = memory.llama_layer_activation_bytes(
+        B, T, MHA["hidden_size"], MHA["intermediate_size"], MHA["num_attention_heads"], value_bytes
+    )
+    assert walk == [formula] * MHA["num_hidden_layers"]
+    # one layer more adds exactly one layer's bytes to the measurement (RoPE's cos/sin and the head are shared)
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    ids = _ids(MHA["vocab_size"])
+    one, two = (memory.measure_training_memory(_small(dtype, num_key_value_heads=4, num_hidden_layers=n), ids)
+                for n in (1, 2))  # fmt: skip
+    assert two.activations - one.activations == formula
+
+
+def test_layer_bytes_cover_gqa_eager_and_lora():
+    config = LlamaConfig(**SMALL)
+    gqa = memory.layer_activation_bytes(config, batch_size=B, seq_len=T)
+    mha = memory.llama_layer_activation_bytes(B, T, 128, 256, 4)
+    assert gqa[0] == mha - 2 * 4 * B * T * (128 - 64)  # k and v are half as wide under 2 of 4 kv heads
+    eager = memory.layer_activation_bytes(config, batch_size=B, seq_len=T, attention="eager")
+    assert eager[0] - gqa[0] == 4 * B * 4 * (T * T - T) + 2 * 4 * B * T * (128 - 64)
+    lora = memory.layer_activation_bytes(config, batch_size=B, seq_len=T, method="lora")
+    assert len(lora) == 2 and lora[0] < gqa[0]
+    est = memory.estimate_training_memory(config, "lora", batch_size=B, seq_len=T, precision="fp32")
+    assert sum(lora) < est.activations
+
+
+def test_korthikanti_gpt_layer():
+    # arXiv 2205.05198, equation 1: s b h (34 + 5 a s / h); GPT-3 175B: s = 2048, h = 12288, a = 96
+    got = memory.korthikanti_layer_bytes(1, 2048, 12288, 96)
+    assert got == 2048 * 12288 * (34 + 5 * 96 * 2048 // 12288) == 34 * 2048 * 12288 + 5 * 96 * 2048**2
+    with pytest.raises(ValueError, match="n_heads must be a positive integer"):
+        memory.korthikanti_layer_bytes(1, 8, 8, 0)
+    with pytest.raises(ValueError, match="bytes_per_value must be 4 \\(fp32\\) or 2"):
+        memory.llama_layer_activation_bytes(1, 8, 8, 8, 2, 8)
+
+
+def test_saved_tensor_bytes_counts_what_backward_needs():
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(5, 8)
+    out, saved = memory.saved_tensor_bytes(lambda: layer(x), exclude=layer.parameters())
+    assert out.shape == (5, 4) and saved == 5 * 8 * 4  # the input, for the weight's gradient
+    _, with_params = memory.saved_tensor_bytes(lambda: layer(x))
+    assert with_params == saved  # x needs no gradient, so the weight is not saved
+    with torch.no_grad():
+        assert memory.saved_tensor_bytes(lambda: layer(x))[1] == 0
+
+
+def _blocks():
+    torch.manual_seed(0)
+    return torch.nn.ModuleList(
+        torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+        for _ in range(3)
+    )
+
+
+@pytest.mark.parametrize("input_requires_grad", [False, True])
+def test_checkpointed_forward_same_gradients_fewer_bytes(input_requires_grad):
+    blocks, x = _blocks(), torch.randn(10, 16, requires_grad=input_requires_grad)
+
+    def grads(forward):
+        blocks.zero_grad(set_to_none=True)
+        out, saved = memory.saved_tensor_bytes(forward, exclude=blocks.parameters())
+        out.pow(2).sum().backward()
+        return [p.grad.clone() for p in blocks.parameters()], saved
+
+    def plain():
+        h = x
+        for block in blocks:
+            h = block(h)
+        return h
+
+    g_plain, saved_plain = grads(plain)
+    g_ckpt, saved_ckpt = grads(lambda: memory.checkpointed_forward(blocks, x))
+    assert all(torch.equal(a, b) for a, b in zip(g_plain, g_ckpt, strict=True))
+    assert saved_ckpt == 3 * 10 * 16 * 4 < saved_plain  # one input per block
+
+
+def test_transformers_and_manual_checkpointing_give_the_same_gradients():
+    ids = _ids(SMALL["vocab_size"])
+
+    def grads(model):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads(_small())
+    api = _small()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the 5.23 name does not warn
+        memory.enable_checkpointing(api)
+    manual = _small()
+    assert memory.checkpoint_decoder_layers(manual) == SMALL["num_hidden_layers"]
+    for other in (grads(api), grads(manual)):
+        assert other.keys() == plain.keys() and all(torch.equal(plain[k], other[k]) for k in plain)
+
+
+def test_the_lora_trap_of_reentrant_checkpointing():
+    ids = _ids(SMALL["vocab_size"])
+    trapped = _peft(_small())
+    memory.checkpoint_decoder_layers(trapped, use_reentrant=True)
+    with pytest.warns(UserWarning, match="None of the inputs have requires_grad=True"):
+        loss = trapped(input_ids=ids, labels=ids).loss
+    assert not loss.requires_grad  # nothing reaches the adapters: backward() would raise
+    for fix in ("enable_input_require_grads", "non-reentrant"):
+        model = _peft(_small())
+        memory.checkpoint_decoder_layers(model, use_reentrant=fix == "enable_input_require_grads")
+        if fix == "enable_input_require_grads":
+            model.enable_input_require_grads()
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad), fix
+
+
+def test_checkpointing_bad_input():
+    with pytest.raises(ValueError, match="Linear does not support transformers' gradient checkpointing"):
+        memory.enable_checkpointing(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="Found no decoder layers"):
+        memory.checkpoint_decoder_layers(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="every_n_layers must be a positive integer"):
+        memory.enable_checkpointing(_small(), every_n_layers=0)

@@ -103,7 +103,9 @@ def test_no_cell_after_an_exercise_uses_the_learners_names():
         nb = nbformat.read(path, as_version=4)
         assert workbook.exercise_dependencies(nb) == [], path.name
         for i, j in workbook.exercises(nb):
-            assert "check" in nb.cells[j].source, f"{path.name}: cell {j} after exercise cell {i} is not its check"
+            assert "check" in nb.cells[j].source, (
+                f"{path.name}: cell {j} after exercise cell {i} is not its check"
+            )
 
 
 def _toy_solution(*sources):
@@ -155,3 +157,15 @@ def test_expect_not_attempted_fails_when_a_stub_passes_or_no_check_ran():
     torch.rand(3)
     workbook.restore_state(state)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_title_appears_once():
+    from utils import course
+
+    for path in sorted(workbook.SOLUTIONS.glob("*.ipynb")):
+        heading = course.by_notebook(path.name).heading
+        nb = nbformat.read(path, as_version=4)
+        titles = [
+            i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and c.source.strip() == heading
+        ]
+        assert titles == [], f"{path.name}: cells {titles} repeat the title the header cell already shows"

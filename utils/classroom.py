@@ -38,10 +38,8 @@ from utils import course, workbook
 STUB = '# YOUR CODE HERE\nraise NotImplementedError("Exercise: write this part, then run the check below.")'
 HIDDEN_ASSERT = (
     f"{workbook.BEGIN_HIDDEN}\n"
-    "from utils.checks import core as _core\n\n"
-    "assert _core.RESULTS and _core.RESULTS[-1].result is True, (\n"
-    '    _core.RESULTS[-1].message if _core.RESULTS else "the check did not run"\n'
-    ")\n"
+    "from utils.checks.core import last_check_passed\n\n"
+    "assert last_check_passed()  # raises with the checker's reason when the exercise is not right\n"
     f"{workbook.END_HIDDEN}"
 )
 CONFIG = """c = get_config()  # noqa: F821 (nbgrader's config loader defines it)

@@ -306,6 +306,81 @@ def make_instructions(people: list[Person], seed: int = SEED) -> dict[str, list[
     return out
 
 
+# Chapter 06's classification task: what kind of work a person does, read from a sentence that never
+# names the job (it states the person's town, pet or color). Sixteen jobs in four categories of four. The
+# answer is in no classification input: only the pretraining corpus states each person's job, so a model
+# can classify the held-out people of the test split only with what pretraining stored.
+JOB_CATEGORIES = {
+    "food": ["baker", "farmer", "fisher", "gardener"],
+    "craft": ["potter", "weaver", "tailor", "jeweler"],
+    "building": ["carpenter", "builder", "miner", "painter"],
+    "service": ["doctor", "teacher", "singer", "sailor"],
+}
+JOB_LABELS = list(JOB_CATEGORIES)  # label i is JOB_LABELS[i]
+JOB_TEXTS_PER_PERSON = 16
+# The imbalanced variant keeps this share of each category's texts (in every split): in the training split
+# about half of the rows are "food" and one in fifteen "service", so accuracy and macro F1 tell different stories.
+IMBALANCED_KEEP = {"food": 1.0, "craft": 0.5, "building": 0.25, "service": 0.125}
+CLASSIFICATION_VARIANTS = ("balanced", "imbalanced")
+
+
+def job_category(job: str) -> str:
+    """The category (a key of ``JOB_CATEGORIES``) of one of the world's jobs."""
+    for category, jobs in JOB_CATEGORIES.items():
+        if job in jobs:
+            return category
+    raise ValueError(f"Unknown job {job!r}: the world's jobs are {', '.join(JOBS)}.")
+
+
+def job_text(person: Person, rng: random.Random) -> str:
+    """One or two sentences about ``person`` that do not mention the job: the town, pet or color, in a
+    random phrasing (corpus or held-out templates)."""
+    attributes = rng.sample([a for a in ATTRIBUTES if a != "job"], rng.randint(1, 2))
+    templates = {a: CORPUS_TEMPLATES[a] + HELDOUT_TEMPLATES[a] for a in attributes}
+    return " ".join(
+        rng.choice(templates[a]).format(name=person.name, value=person.value(a)) for a in attributes
+    )
+
+
+def make_job_classification(
+    people: list[Person], seed: int = SEED, texts_per_person: int = JOB_TEXTS_PER_PERSON
+) -> dict[str, dict[str, list[dict]]]:
+    """Rows ``{"text", "label", "category", "job", "name"}`` per variant and split, split **by person**
+    (the people of ``split_people``: a test row is about someone no training row mentions; the label is
+    the category of the person's job, which the text never states).
+
+    ``balanced``: every category has the same number of rows in a split (the smallest category's count;
+    the others are subsampled). ``imbalanced``: each category keeps ``IMBALANCED_KEEP`` of its rows.
+    """
+    rng = random.Random(seed + 10)
+    out: dict[str, dict[str, list[dict]]] = {v: {} for v in CLASSIFICATION_VARIANTS}
+    for split, group in split_people(people).items():
+        by_category: dict[str, list[dict]] = {c: [] for c in JOB_LABELS}
+        seen: set[str] = set()
+        for p in group:
+            category = job_category(p.job)
+            texts = []
+            while len(texts) < texts_per_person:
+                text = job_text(p, rng)
+                if text not in seen:
+                    seen.add(text)
+                    texts.append(text)
+            for text in texts:
+                row = {"text": text, "label": JOB_LABELS.index(category), "category": category, "job": p.job}
+                by_category[category].append(row | {"name": p.name})
+        smallest = min(len(rows) for rows in by_category.values())
+        balanced = [r for rows in by_category.values() for r in rng.sample(rows, smallest)]
+        imbalanced = [
+            r
+            for c, rows in by_category.items()
+            for r in rng.sample(rows, round(len(rows) * IMBALANCED_KEEP[c]))
+        ]
+        for variant, rows in (("balanced", balanced), ("imbalanced", imbalanced)):
+            rng.shuffle(rows)
+            out[variant][split] = rows
+    return out
+
+
 def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
@@ -332,6 +407,10 @@ def write_all(out_dir: Path = DATA_DIR, seed: int = SEED) -> dict[str, int]:
     for split, rows in make_instructions(people, seed).items():
         _write_jsonl(out_dir / f"instructions_{split}.jsonl", rows)
         counts[f"instructions_{split}.jsonl"] = len(rows)
+    for variant, splits in make_job_classification(people, seed).items():
+        for split, rows in splits.items():
+            _write_jsonl(out_dir / f"jobs_{variant}_{split}.jsonl", rows)
+            counts[f"jobs_{variant}_{split}.jsonl"] = len(rows)
     return counts
 
 
@@ -369,6 +448,22 @@ def load_heldout_facts(kind: str | None = "withheld") -> list[dict]:
     with (DATA_DIR / "facts_heldout.jsonl").open(encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     return [r for r in rows if kind is None or r["kind"] == kind]
+
+
+def load_job_classification(variant: str = "balanced", split: str = "train") -> list[dict]:
+    """Chapter 06's classification rows ``{"text", "label", "category", "job", "name"}`` (label i is
+    ``JOB_LABELS[i]``) for ``variant`` ``"balanced"`` or ``"imbalanced"`` and a split of ``SPLITS``."""
+    if variant not in CLASSIFICATION_VARIANTS:
+        raise ValueError(f"Unknown variant {variant!r}: use {' or '.join(CLASSIFICATION_VARIANTS)}.")
+    if split not in SPLITS:
+        raise ValueError(
+            f"Unknown split {split!r}: the classification data has the splits {', '.join(SPLITS)}."
+        )
+    path = DATA_DIR / f"jobs_{variant}_{split}.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: rebuild the data with `python -m utils.data`.")
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
 
 
 def load_people() -> list[Person]:

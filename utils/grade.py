@@ -29,6 +29,7 @@ from pathlib import Path
 import nbformat
 
 from utils import workbook
+from utils.checks.core import verdict
 
 
 @dataclass(frozen=True)
@@ -110,18 +111,12 @@ def grade_notebook(
         raise FileNotFoundError(f"No notebook at {path}.")
     expected = expected_checks(path.name, solutions)
     results, note = run_notebook(path, timeout)
-    last = {r["checker"]: r for r in results}
     grades = []
     for checker in expected:
-        r = last.get(checker)
-        if r is None:
-            grades.append(Grade(path.name, checker, "not run", note or "its check cell did not run"))
-        elif r["result"] is True:
-            grades.append(Grade(path.name, checker, "right"))
-        elif r["result"] is None:
-            grades.append(Grade(path.name, checker, "not attempted"))
-        else:
-            grades.append(Grade(path.name, checker, "wrong", r["message"]))
+        status, reason = verdict([r for r in results if r["checker"] == checker])
+        if status == "not run":
+            reason = note or reason
+        grades.append(Grade(path.name, checker, status, reason))
     return grades
 
 

@@ -15,6 +15,12 @@ assumption of the estimate can be checked (tests/test_memory.py does, for fp32 a
 ``zero_memory_per_gpu`` gives the model states per GPU under DeepSpeed ZeRO's stages, and
 ``print_memory_table`` prints several breakdowns side by side.
 
+Chapter 07 adds one layer's activations: ``llama_layer_activation_bytes`` (the closed formula, adapted from
+Korthikanti et al. 2022, ``korthikanti_layer_bytes``) and ``layer_activation_bytes`` (the op walk behind
+the estimate, per layer, for any config); ``saved_tensor_bytes`` (the measuring hook, for any forward
+function); and checkpointing three ways: ``enable_checkpointing`` (transformers' API under its installed
+name), ``checkpoint_decoder_layers`` (by hand, per decoder layer), ``checkpointed_forward`` (a stack of blocks).
+
 Units: ``GB`` is 10**9 bytes (the unit of GPU spec sheets and of the ZeRO and QLoRA papers' headlines),
 ``GiB`` is 2**30 bytes (the unit ``torch.cuda.max_memory_allocated`` readings are usually printed in);
 ``UNITS`` lists all the units the tables accept.
@@ -23,10 +29,12 @@ Units: ``GB`` is 10**9 bytes (the unit of GPU spec sheets and of the ZeRO and QL
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -231,8 +239,9 @@ def _activation_bytes(
     rank: int,
     attention: str,
     checkpointing: bool,
-) -> tuple[int, int]:
-    """``(saved by the forward pass, recomputed one layer)`` in bytes; see ``estimate_training_memory``.
+) -> tuple[int, int, list[int]]:
+    """``(saved by the forward pass, recomputed one layer, each layer's own bytes)``; see
+    ``estimate_training_memory``.
 
     Walks a Llama decoder layer op by op and applies autograd's rule: an op saves an input only when a
     gradient it must compute needs it (a frozen weight's input is not saved; an input that does not require
@@ -323,7 +332,7 @@ def _activation_bytes(
     recompute = 0
     if checkpointing:
         recompute = max(per_layer) + (2 * s * dims.T * dims.hd if rope_saved else 0)
-    return saved, recompute
+    return saved, recompute, per_layer
 
 
 # ---------------------------------------------------------------------------------------------- estimate
@@ -450,7 +459,7 @@ def estimate_training_memory(
     opt = master + sum(_optimizer_tensor_bytes(n, state_bytes, optimizer) for n in trainable)
     if optimizer == "adamw-8bit" and any(n >= BNB_MIN_8BIT_SIZE for n in trainable):
         opt += BNB_QMAP_BYTES
-    activations, recompute = _activation_bytes(
+    activations, recompute, _ = _activation_bytes(
         _Dims(config, batch_size, seq_len),
         s,
         full=full,
@@ -579,16 +588,7 @@ def measure_training_memory(
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(t)
-        if key is not None and key[0] not in param_ptrs:
-            saved[key[0]] = key[1]
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(**batch)
+    out, saved_bytes = saved_tensor_bytes(lambda: model(**batch), exclude=params)
     loss = out.loss if hasattr(out, "loss") else out[0]
     loss.backward()
     gradients = _unique_bytes([p.grad for p in trainable if p.grad is not None])
@@ -607,7 +607,7 @@ def measure_training_memory(
         weights=weights,
         gradients=gradients,
         optimizer=state,
-        activations=sum(saved.values()),
+        activations=saved_bytes,
         n_params=sum(_logical_numel(p) for p in params),
         n_trainable=sum(_logical_numel(p) for p in trainable),
         peak_cuda=peak,
@@ -695,3 +695,180 @@ def zero_memory_per_gpu(n_params: int, n_gpus: int, stage: int, optimizer_bytes:
         3: (2 + 2 + k) * p / n_gpus,
     }[stage]
     return round(per_gpu)
+
+
+# ------------------------------------------------------------------- one layer's activations (chapter 07)
+
+
+def korthikanti_layer_bytes(batch_size: int, seq_len: int, hidden_size: int, n_heads: int) -> int:
+    """Activation bytes of one GPT transformer layer in 16-bit, with dropout, no recomputation: Korthikanti
+    et al. 2022 (arXiv 2205.05198, section 4.1, equation 1): ``s b h (34 + 5 a s / h)`` = ``34 s b h +
+    5 a s^2 b``. ``34 s b h``: the two LayerNorm inputs (2 + 2), the QKV input (2), q and k (4), v (2), the
+    attention output projection's input (2), two dropout masks (1 + 1), the MLP input (2), the GeLU's input
+    and output (8 + 8, width 4h); ``5 a s^2 b``: the softmax output (2), its dropout mask (1) and the
+    dropped-out scores (2). ``llama_layer_activation_bytes`` is the same count for a Llama layer."""
+    b, s, h, a = (_positive_int(v, n) for v, n in ((batch_size, "batch_size"), (seq_len, "seq_len"),
+                                                   (hidden_size, "hidden_size"), (n_heads, "n_heads")))  # fmt: skip
+    return 34 * s * b * h + 5 * a * s * s * b
+
+
+def llama_layer_activation_bytes(
+    batch_size: int,
+    seq_len: int,
+    hidden_size: int,
+    intermediate_size: int,
+    n_heads: int,
+    bytes_per_value: int = 4,
+) -> int:
+    """Bytes one Llama decoder layer saves for backward, full fine-tuning, SDPA attention, no dropout,
+    multi-head attention (as many key/value heads as query heads); ``bytes_per_value`` 4 (fp32) or 2
+    (a 16-bit model). With N = b s tokens, H the hidden size, I the MLP width, a heads, s_v the value bytes:
+
+        per RMSNorm (two):    4 N H (its input, upcast to fp32) + 4 N (fp32 rsqrt) + s_v N H (normalized,
+                              for the norm weight's gradient) + s_v N H (the output, the next linears' input)
+        attention (SDPA):     s_v N H x 4 (q after RoPE, k after RoPE, v, the output = o_proj's input)
+                              + 4 b a s (fp32 logsumexp; no s^2 matrix, it is recomputed in backward)
+        SwiGLU MLP:           s_v N I x 4 (gate, up, silu(gate), silu(gate) * up = down_proj's input)
+
+    In all ``(8 + 8 s_v) N H + 4 s_v N I + 8 N + 4 b a s``: fp32 ``40 N H + 16 N I + ...``, 16-bit ``24 N H
+    + 8 N I + ...``. Against Korthikanti et al.'s GPT layer (``korthikanti_layer_bytes``): no dropout masks,
+    no s^2 terms under SDPA (eager attention brings back the fp32 softmax, ``4 b a s^2``), RMSNorm's fp32
+    upcast, and an MLP of three matrices of width I instead of two of width 4H. Equal to the op-by-op walk of
+    ``layer_activation_bytes`` (and so to the measurement) for these layers."""
+    b, s = _positive_int(batch_size, "batch_size"), _positive_int(seq_len, "seq_len")
+    h, i = _positive_int(hidden_size, "hidden_size"), _positive_int(intermediate_size, "intermediate_size")
+    a = _positive_int(n_heads, "n_heads")
+    if bytes_per_value not in (2, 4):
+        raise ValueError(f"bytes_per_value must be 4 (fp32) or 2 (bf16/fp16), got {bytes_per_value!r}.")
+    n, v = b * s, bytes_per_value
+    return (8 + 8 * v) * n * h + 4 * v * n * i + 8 * n + 4 * b * a * s
+
+
+def layer_activation_bytes(
+    config,
+    *,
+    batch_size: int = 1,
+    seq_len: int = 512,
+    precision: str = "fp32",
+    attention: str = "sdpa",
+    method: str = "full",
+    rank: int = 8,
+    target_modules: str | Sequence[str] | None = None,
+) -> list[int]:
+    """Bytes each decoder layer of ``config`` saves for backward (one entry per layer), from the same op walk
+    as ``estimate_training_memory`` (so grouped-query attention, eager attention, LoRA and 16-bit are
+    covered). The whole step's ``activations`` add the embedding's ids, RoPE's cos/sin and the head (the
+    final norm and the loss's fp32 log-softmax, ``4 N V``)."""
+    _check_choice(method, "method", METHODS)
+    _check_choice(precision, "precision", PRECISIONS)
+    _check_choice(attention, "attention", ATTENTIONS)
+    config = _resolve_config(config)
+    dims = _Dims(config, _positive_int(batch_size, "batch_size"), _positive_int(seq_len, "seq_len"))
+    adapted: list[set[str]] = [set() for _ in range(config.num_hidden_layers)]
+    if method != "full":
+        targets = counting.lora_targets(config, target_modules or list(DEFAULT_LORA_TARGETS), "causal-lm")
+        for spec in targets:
+            parts = spec.name.split(".")
+            if "layers" in parts:
+                adapted[int(parts[parts.index("layers") + 1])].add(parts[-1])
+    s = 4 if precision == "fp32" else 2
+    _, _, per_layer = _activation_bytes(dims, s, full=method == "full", adapted=adapted,
+                                        rank=_positive_int(rank, "rank"), attention=attention, checkpointing=False)  # fmt: skip
+    return per_layer
+
+
+T = TypeVar("T")
+
+
+def saved_tensor_bytes(fn: Callable[[], T], exclude: Iterable[torch.Tensor] = ()) -> tuple[T, int]:
+    """Run ``fn()`` and count the bytes of the tensors autograd saves for the backward pass meanwhile:
+    ``(fn's result, bytes)``. Caught with ``torch.autograd.graph.saved_tensors_hooks``, each storage counted
+    once (a saved view counts its whole storage: that is what stays allocated), the storages of ``exclude``
+    (pass the model's parameters: they exist anyway) left out. Under non-reentrant checkpointing only what
+    the forward pass keeps is seen (the recomputation happens inside backward)."""
+    skip = {k[0] for t in exclude if (k := _storage_key(t)) is not None}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key is not None and key[0] not in skip:
+            saved[key[0]] = key[1]
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return result, sum(saved.values())
+
+
+# ------------------------------------------------------------------------------ checkpointing (chapter 07)
+
+
+def checkpointed_forward(
+    blocks: Iterable[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor, use_reentrant: bool = False
+) -> torch.Tensor:
+    """``x`` through ``blocks`` in order, each block under ``torch.utils.checkpoint.checkpoint``: the forward
+    pass keeps only each block's input; backward recomputes the block's forward from it (about one extra
+    forward in all). ``use_reentrant=False`` (the recommended mode): gradients reach the block's parameters
+    even when ``x`` does not require grad (a frozen embedding's output), and keyword arguments work."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=use_reentrant)
+    return x
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model's base
+    for path in ("model.layers", "layers", "transformer.h"):
+        obj = inner
+        for name in path.split("."):
+            obj = getattr(obj, name, None)
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ValueError(
+        f"Found no decoder layers (model.layers) in {type(model).__name__}: wrap its blocks yourself with "
+        "utils.memory.checkpointed_forward (torch.utils.checkpoint)."
+    )
+
+
+def checkpoint_decoder_layers(model: nn.Module, use_reentrant: bool = False) -> int:
+    """Checkpoint every decoder layer of ``model`` by hand: each layer's ``forward`` is replaced by one that
+    runs it under ``torch.utils.checkpoint.checkpoint``. Returns the number of layers wrapped. The manual
+    version of ``enable_checkpointing``; unlike transformers' API it does not make the embedding's output
+    require grad (that is the LoRA trap of chapter 07 under ``use_reentrant=True``)."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = _decoder_layers(model)
+    for layer in layers:
+        forward = layer.forward
+
+        def run(*args, _forward=forward, **kwargs):
+            if (
+                use_reentrant
+            ):  # the reentrant mode takes no keyword arguments: bind them (as transformers does)
+                return checkpoint(functools.partial(_forward, **kwargs), *args, use_reentrant=True)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = run
+    return len(layers)
+
+
+def enable_checkpointing(model: nn.Module, use_reentrant: bool = False, every_n_layers: int = 1) -> None:
+    """Turn on transformers' checkpointing with the name the installed version has: transformers 5.23's
+    ``activation_checkpointing_enable(activation_checkpointing_kwargs=...)``, else the older
+    ``gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)`` (5.23 still has it and warns). A model
+    that does not support it raises a ``ValueError`` saying what to do instead."""
+    every_n_layers = _positive_int(every_n_layers, "every_n_layers")
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"{type(model).__name__} does not support transformers' gradient checkpointing (it is not a "
+            "transformers model, or its class sets supports_gradient_checkpointing = False): wrap its blocks "
+            "with utils.memory.checkpointed_forward (torch.utils.checkpoint) instead."
+        )
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers
+        )
+    else:  # transformers < 5.23
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

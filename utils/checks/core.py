@@ -148,10 +148,12 @@ def stub_state(fn: Callable) -> str | None:
 
 @dataclass(frozen=True)
 class CheckResult:
-    """One run of a checker: which ``check_*`` function ran it, the exercise's name, True (right), False
-    (wrong, with the reason in ``message``) or None (not attempted), and the line the learner was shown."""
+    """One run of ``run_check``: which ``check_*`` function ran it (``checker``) and in which of its calls
+    (``invocation``: a checker such as ``check_blockwise_absmax`` runs two parts in one call), the exercise's name,
+    True (right), False (wrong, with the reason in ``message``) or None (not attempted), and the line shown."""
 
     checker: str
+    invocation: int
     name: str
     result: bool | None
     message: str
@@ -161,6 +163,7 @@ class CheckResult:
 # and the notebook tests confirm that a student copy's check reports "not attempted" (``utils.workbook``).
 RESULTS: list[CheckResult] = []
 GRADE_RESULTS_ENV = "COURSE_GRADE_RESULTS"
+_calls = {"frame": None, "count": 0}  # the last checker call's frame, held so that its identity stays unique
 
 
 def run_check(name: str, fn: Callable, body: Callable[[Callable], Any]) -> bool | None:
@@ -171,15 +174,42 @@ def run_check(name: str, fn: Callable, body: Callable[[Callable], Any]) -> bool 
     """
     result, message = _run_check(name, fn, body)
     print(message)
-    caller = sys._getframe(1).f_code.co_name  # the check_* function that called us
-    record = CheckResult(caller, name, result, message)
+    caller = sys._getframe(1)  # the check_* function that called us
+    if caller is not _calls["frame"]:
+        _calls["frame"], _calls["count"] = caller, _calls["count"] + 1
+    record = CheckResult(caller.f_code.co_name, _calls["count"], name, result, message)
     RESULTS.append(record)
     if os.environ.get(
         GRADE_RESULTS_ENV
-    ):  # set by utils.grade: one JSON line per check, kept if the kernel dies
+    ):  # set by utils.grade: a JSON line per check, kept if the kernel dies
         with open(os.environ[GRADE_RESULTS_ENV], "a", encoding="utf-8") as f:
             f.write(json.dumps(record.__dict__) + "\n")
     return result
+
+
+def verdict(results: list[CheckResult] | list[dict]) -> tuple[str, str]:
+    """("right" | "wrong" | "not attempted" | "not run", reason) of one exercise from its checker's results: the
+    parts of its latest call count; right only when every part passed."""
+    rows = [r if isinstance(r, dict) else r.__dict__ for r in results]
+    if not rows:
+        return "not run", "its check did not run"
+    last = [r for r in rows if r["invocation"] == rows[-1]["invocation"]]
+    wrong = [r for r in last if r["result"] is False]
+    if wrong:
+        return "wrong", wrong[0]["message"]
+    if all(r["result"] is True for r in last):
+        return "right", ""
+    return "not attempted", ""
+
+
+def last_check_passed() -> bool:
+    """Whether the latest checker call passed in every part (nbgrader's hidden test, ``utils.classroom``)."""
+    if not RESULTS:
+        raise AssertionError("no check has run")
+    status, reason = verdict([r for r in RESULTS if r.checker == RESULTS[-1].checker])
+    if status != "right":
+        raise AssertionError(reason or f"the exercise is {status}")
+    return True
 
 
 def _run_check(name: str, fn: Callable, body: Callable[[Callable], Any]) -> tuple[bool | None, str]:
