@@ -75,17 +75,15 @@ def trainable_names(model: nn.Module) -> list[str]:
 
 def layers(model: nn.Module) -> nn.ModuleList:
     """The stack of transformer blocks: ``bert.encoder.layer`` (BERT) or ``model.layers`` (Llama), also
-    inside a peft model."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for path in ("bert.encoder.layer", "encoder.layer", "model.layers", "layers", "transformer.h"):
-        obj = inner
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise ValueError(
-        f"Found no stack of layers (bert.encoder.layer or model.layers) in {type(model).__name__}."
-    )
+    inside a peft model (``utils.models.layer_stack``)."""
+    from utils.models import layer_stack
+
+    stack = layer_stack(model)
+    if stack is None:
+        raise ValueError(
+            f"Found no stack of layers (bert.encoder.layer or model.layers) in {type(model).__name__}."
+        )
+    return stack
 
 
 def _layer_prefix(model: nn.Module) -> str:

@@ -818,17 +818,15 @@ def checkpointed_forward(
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model's base
-    for path in ("model.layers", "layers", "transformer.h"):
-        obj = inner
-        for name in path.split("."):
-            obj = getattr(obj, name, None)
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise ValueError(
-        f"Found no decoder layers (model.layers) in {type(model).__name__}: wrap its blocks yourself with "
-        "utils.memory.checkpointed_forward (torch.utils.checkpoint)."
-    )
+    from utils.models import layer_stack
+
+    stack = layer_stack(model)
+    if stack is None:
+        raise ValueError(
+            f"Found no decoder layers (model.layers) in {type(model).__name__}: wrap its blocks yourself with "
+            "utils.memory.checkpointed_forward (torch.utils.checkpoint)."
+        )
+    return stack
 
 
 def checkpoint_decoder_layers(model: nn.Module, use_reentrant: bool = False) -> int:

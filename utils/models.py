@@ -181,3 +181,20 @@ def load_model(
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (each tied tensor once, as ``model.parameters()`` yields it)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# Where transformers keeps the stack of blocks: BERT, Llama-family, and GPT-2 style models.
+LAYER_PATHS = ("bert.encoder.layer", "encoder.layer", "model.layers", "layers", "transformer.h")
+
+
+def layer_stack(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The model's stack of transformer blocks (``bert.encoder.layer``, ``model.layers``, ...), also inside a peft
+    model; None when there is none at a known path."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model's base
+    for path in LAYER_PATHS:
+        obj = inner
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj
+    return None
