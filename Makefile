@@ -8,9 +8,12 @@ ARGS    ?=
 .PHONY: lab test browser test-literal classroom grade notebooks execute bench data pretrain doctor lint clean-venv
 
 $(STAMP): pyproject.toml
+	@echo "setting up .venv: PyTorch (CPU build) first, then the pinned packages (a few minutes, once)"
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
+	@echo "[1/2] $(TORCH)"
 	$(PY) -m pip install -q $(TORCH)
+	@echo "[2/2] the course's pinned packages (pyproject.toml: transformers, peft, bitsandbytes, ..., test tools)"
 	$(PY) -m pip install -q -e ".[test,classroom]"
 	touch $(STAMP)
 
