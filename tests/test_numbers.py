@@ -108,7 +108,8 @@ def test_every_bank_is_traced_to_its_chapters_notebook():
     """Every chapter has its notebook now, so every bank file is checked above; a bank file for a chapter without a
     solution notebook would have nothing to trace its figures to."""
     waiting = {
-        path.name: sum(len(figures(p)) for p in numbers.bank_passages(path)) for path in COURSE.unchecked_banks()
+        path.name: sum(len(figures(p)) for p in numbers.bank_passages(path))
+        for path in COURSE.unchecked_banks()
     }
     assert waiting == {}, f"bank files whose chapter has no solution notebook (figures untraced): {waiting}"
 
