@@ -72,6 +72,21 @@ def in_place(x, block_size):
     return quantize_solution(x, block_size)
 
 
+def rows_as_blocks(x, block_size):  # takes a 2-D input's rows for blocks instead of flattening it
+    b = x if x.dim() == 2 else x.reshape(-1, block_size)
+    a = b.abs().amax(1)
+    return torch.round(127 * b / a[:, None]).to(torch.int8), a
+
+
+def fp16_absmax(x, block_size):
+    codes, absmax = quantize_solution(x, block_size)
+    return codes, absmax.half()
+
+
+def fp16_values(codes, absmax):
+    return (codes.half() * absmax[:, None].half() / 127).reshape(-1)
+
+
 def no_divide_back(codes, absmax):
     return (codes.float() * absmax[:, None]).reshape(-1)
 
@@ -106,6 +121,9 @@ def test_blockwise_stubs_are_not_attempted(capsys):
         (in_place, dequantize_solution, "in place"),
         (quantize_solution, no_divide_back, "127 times too large"),
         (quantize_solution, no_absmax_back, "its own absmax"),
+        (rows_as_blocks, dequantize_solution, "flatten it first"),
+        (fp16_absmax, dequantize_solution, "keep absmax in float32"),
+        (quantize_solution, fp16_values, "return float32 values"),
         (lambda x, b: quantize_solution(x, b)[0], dequantize_solution, "return a pair"),
     ],
 )

@@ -78,11 +78,45 @@ def test_head_stub_and_left_raise(capsys):
     assert "delete that line" in capsys.readouterr().out
 
 
+def returns_a_frozen_copy(model):  # freezes a copy and returns it: the caller's model still trains
+    import copy
+
+    frozen = copy.deepcopy(model)
+    for n, p in frozen.named_parameters():
+        p.requires_grad = n.startswith(("classifier.", "score."))
+    return frozen
+
+
+def name_prefix(model, k):  # "model.layers.1" is a prefix of "model.layers.10": wrong from 11 layers on
+    if k > len(model.model.layers):
+        raise ValueError("k is larger than the number of layers")
+    for n, p in model.named_parameters():
+        if "embed_tokens" in n or any(n.startswith(f"model.layers.{i}") for i in range(k)):
+            p.requires_grad = False
+
+
+def unfreezes_the_tied_head(model, k):  # lm_head.weight is embed_tokens.weight when they are tied
+    if k > len(model.model.layers):
+        raise ValueError("k is larger than the number of layers")
+    model.requires_grad_(False)
+    for layer in model.model.layers[k:]:
+        layer.requires_grad_(True)
+    model.model.norm.requires_grad_(True)
+    model.lm_head.requires_grad_(True)
+
+
+def numpy_ints(epoch, n_layers):
+    import numpy as np
+
+    return list(np.arange(max(0, n_layers - epoch), n_layers))
+
+
 @pytest.mark.parametrize(
     ("fn", "reason"),
     [
         (freeze_everything, "Nothing is trainable: the head must still learn."),
-        (eval_only, "model.eval() or torch.no_grad() do not freeze anything"),
+        (eval_only, "model.eval() or torch.no_grad() do not freeze"),
+        (returns_a_frozen_copy, "freeze that model, in place"),
         (freeze_head_only, "The head is frozen"),
         (keeps_pooler, "The pooler is part of model.bert"),
         (weight_only, "Part of the head is frozen"),
@@ -185,6 +219,8 @@ def test_bottom_stub(capsys):
         (freezes_the_final_norm, "Frozen but above the bottom layers: model.norm.weight"),
         (accepts_any_k, "must raise ValueError"),
         (index_error_for_large_k, "raised IndexError"),
+        (name_prefix, "Compare the layer number itself"),
+        (unfreezes_the_tied_head, "same tensor as embed_tokens.weight"),
     ],
 )
 def test_bottom_wrong_answers_are_named(fn, reason, capsys):
@@ -244,6 +280,7 @@ def test_schedule_stub(capsys):
         (from_the_bottom, "unfreeze from the output side down"),
         (no_cap, "Layer indices run from 0 to"),
         (a_count, "return a list of layer indices"),
+        (numpy_ints, "numpy.int64 values"),
     ],
 )
 def test_schedule_wrong_answers_are_named(fn, reason, capsys):

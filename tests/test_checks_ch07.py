@@ -122,8 +122,26 @@ def ckpt_skips_last(blocks, x):
     return x
 
 
+def ckpt_first_block_only(blocks, x):  # a learner's half-done version: the other blocks still save everything
+    x = checkpoint(blocks[0], x, use_reentrant=False)
+    for block in list(blocks)[1:]:
+        x = block(x)
+    return x
+
+
+def ckpt_no_grad(blocks, x):
+    with torch.no_grad():
+        for block in blocks:
+            x = block(x)
+    return x
+
+
+def ckpt_whole_stack(blocks, x):  # one checkpoint around all blocks: keeps even less, also right
+    return checkpoint(lambda h: ckpt_none(blocks, h), x, use_reentrant=False)
+
+
 def test_ckpt_right_answers_pass(capsys):
-    for fn in (ckpt_solution, ckpt_by_hand):
+    for fn in (ckpt_solution, ckpt_by_hand, ckpt_whole_stack):
         assert checks.check_checkpointed_forward(fn) is True
     assert "correct" in capsys.readouterr().out
 
@@ -140,6 +158,8 @@ def test_ckpt_stub_is_not_attempted(capsys):
         (ckpt_reentrant, "no gradient reaches the blocks' parameters"),
         (ckpt_detached, "gradients differ"),
         (ckpt_skips_last, "output differs"),
+        (ckpt_first_block_only, "Is each block run under checkpoint?"),
+        (ckpt_no_grad, "no torch.no_grad()"),
     ],
 )
 def test_ckpt_wrong_answers_are_named(fn, reason, capsys):
@@ -189,6 +209,13 @@ def accum_detached(logits, labels, n_target_tokens):
     return accum_solution(logits.detach(), labels, n_target_tokens)
 
 
+def accum_detached_normalizer(logits, labels, n_target_tokens):  # the right value, a wrong gradient
+    lp = logits[:, :-1] - logits[:, :-1].detach().logsumexp(-1, keepdim=True)
+    t = labels[:, 1:]
+    mask = t != -100
+    return -(lp.gather(-1, t.clamp(min=0)[..., None]).squeeze(-1) * mask).sum() / n_target_tokens
+
+
 def test_accum_right_answer_passes(capsys):
     assert checks.check_accumulation_loss(accum_solution) is True
     assert "correct" in capsys.readouterr().out
@@ -208,6 +235,7 @@ def test_accum_stub_is_not_attempted(capsys):
         (accum_no_shift, "t + 1"),
         (accum_float, "one-element tensor"),
         (accum_detached, "detached"),
+        (accum_detached_normalizer, "but their gradients differ"),
     ],
 )
 def test_accum_wrong_answers_are_named(fn, reason, capsys):

@@ -106,12 +106,30 @@ def relative(logits_a, logits_b, attention_mask, atol):
     return bool((ratio[attention_mask.bool()] <= atol).all())
 
 
+def allclose_default_rtol(logits_a, logits_b, attention_mask, atol):  # rtol=1e-5 sneaks in
+    m = attention_mask.bool()
+    return torch.allclose(logits_a[m], logits_b[m], atol=atol)
+
+
+def isclose_rtol(logits_a, logits_b, attention_mask, atol):
+    m = attention_mask.bool()
+    return bool(torch.isclose(logits_a[m], logits_b[m], atol=atol, rtol=atol).all())
+
+
+def numpy_answer(logits_a, logits_b, attention_mask, atol):  # right, and returns numpy's bool
+    import numpy as np
+
+    diff = np.abs(logits_a.numpy() - logits_b.numpy())[attention_mask.numpy().astype(bool)]
+    return np.all(diff <= atol)
+
+
 def returns_tensor(logits_a, logits_b, attention_mask, atol):
     return (logits_a - logits_b).abs()[attention_mask.bool()] <= atol
 
 
 def test_logits_agree_right_and_stub(capsys):
     assert checks.check_logits_agree(agree_solution) is True
+    assert checks.check_logits_agree(numpy_answer) is True
     assert checks.check_logits_agree(agree_stub) is None
     assert "not attempted" in capsys.readouterr().out.lower()
 
@@ -123,6 +141,8 @@ def test_logits_agree_right_and_stub(capsys):
         (argmax_only, "the greedy token is the same"),
         (mean_difference, "Every value must be within atol"),
         (returns_tensor, "return a bool"),
+        (allclose_default_rtol, "also add rtol * |b|"),
+        (isclose_rtol, "also add rtol * |b|"),
     ],
 )
 def test_logits_agree_wrong_answers(wrong, message, capsys):

@@ -17,7 +17,8 @@ def _blocks_case(seed: int, n_blocks: int, block_size: int):
     x[3] = 0.5  # an outlier in the first block
     if n_blocks > 2:
         x[block_size + 1] = -0.3  # a negative extreme in the second
-    return x.reshape(n_blocks, block_size) if seed % 2 else x  # a 2-D input too: flatten it
+    # a 2-D input too, whose rows are not blocks: blocks run over the flattened values
+    return x.reshape(block_size, n_blocks) if seed % 2 else x
 
 
 def _reference_blockwise(x, block_size: int):
@@ -48,9 +49,18 @@ def check_blockwise_absmax(quantize_fn: Callable, dequantize_fn: Callable) -> bo
                 if not isinstance(value, torch.Tensor):
                     raise CheckFailed(f"{name} should be a tensor; yours is {describe(value)}.")
             if tuple(absmax.shape) != (n_blocks,):
+                flat = (
+                    " (a 2-D input: flatten it first; blocks run over the flattened values)"
+                    if x.dim() == 2
+                    else ""
+                )
                 raise CheckFailed(
                     f"with {n_blocks * block_size} values and block_size={block_size}, absmax should have shape "
-                    f"({n_blocks},), one per block; yours is {tuple(absmax.shape)}."
+                    f"({n_blocks},), one per block; yours is {tuple(absmax.shape)}{flat}."
+                )
+            if absmax.dtype in (torch.float16, torch.bfloat16):
+                raise CheckFailed(
+                    f"keep absmax in float32, as bitsandbytes does: {absmax.dtype} rounds the scale of every block."
                 )
             if not torch.allclose(absmax.double(), want_absmax.double(), rtol=1e-6, atol=0):
                 if torch.allclose(absmax.double(), x.reshape(n_blocks, -1).amax(1).double()):
@@ -100,6 +110,8 @@ def check_blockwise_absmax(quantize_fn: Callable, dequantize_fn: Callable) -> bo
                 raise CheckFailed(f"return a tensor; your function returned {describe(got)}.")
             if not got.is_floating_point():
                 raise CheckFailed(f"return floating-point values; yours have dtype {got.dtype}.")
+            if got.dtype in (torch.float16, torch.bfloat16):
+                raise CheckFailed(f"return float32 values; {got.dtype} rounds what you dequantized.")
             want = (codes.float() * absmax[:, None] / 127).reshape(-1)
             if got.numel() != want.numel():
                 raise CheckFailed(f"return {want.numel()} values (every code); yours has {got.numel()}.")

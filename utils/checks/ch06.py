@@ -111,7 +111,10 @@ def check_freeze_all_but_head(fn: Callable) -> bool | None:
                 if not got:
                     hint += " Nothing is trainable: the head must still learn."
                 elif got == {n for n, _ in model.named_parameters()}:
-                    hint += " Every parameter still trains; model.eval() or torch.no_grad() do not freeze anything."
+                    hint += (
+                        " Every parameter of the model passed in still trains: freeze that model, in place (a "
+                        "frozen copy is not what the caller trains); model.eval() or torch.no_grad() do not freeze."
+                    )
                 elif got.isdisjoint(want):
                     hint += " The head is frozen: the new head is exactly what must train."
                 elif any(".pooler." in n for n in got):
@@ -156,6 +159,11 @@ def check_freeze_bottom_layers(fn: Callable) -> bool | None:
                     high_frozen = [n for n in sorted(want - got) if n.startswith("model.layers.")]
                     if any("embed_tokens" in n for n in got):
                         hint += " The embeddings are below layer 0: they are frozen too."
+                        if tied:
+                            hint += (
+                                " With tied embeddings lm_head.weight is the same tensor as embed_tokens.weight: "
+                                "making the head trainable makes the embeddings trainable."
+                            )
                     elif high_frozen:
                         layer = high_frozen[0].split(".")[2]
                         hint += f" Layer {layer} is frozen but is not among the bottom k"
@@ -174,6 +182,26 @@ def check_freeze_bottom_layers(fn: Callable) -> bool | None:
                     raise CheckFailed(
                         f"k={k}: one AdamW step changed {sorted(moved ^ want)[:2]}, not what is trainable."
                     )
+        deep = _tiny_llama_lm(
+            12, tied=False
+        )  # layer numbers of two digits: "model.layers.1" is a prefix of "...10"
+        frozen = _run_on_copy(fn, deep, 2)
+        ref = copy.deepcopy(deep)
+        freezing.freeze_bottom_layers(ref, 2)
+        if _trainable(frozen) != _trainable(ref):
+            wrong = sorted(
+                {
+                    int(n.split(".")[2])
+                    for n in _trainable(ref) - _trainable(frozen)
+                    if n.startswith("model.layers.")
+                }
+            )
+            raise CheckFailed(
+                f"k=2 on a 12-layer model: layers {wrong} are frozen too. Does your test of a parameter's name "
+                "take 'model.layers.1' for a prefix of 'model.layers.10'? Compare the layer number itself."
+                if wrong
+                else "k=2 on a 12-layer model: the trainable parameters are not layers 2 to 11, the norm and the head."
+            )
         try:
             fn(copy.deepcopy(_tiny_llama_lm(3)), 4)
         except _LearnerRaised as wrapped:
@@ -202,10 +230,16 @@ def check_unfrozen_layers(fn: Callable) -> bool | None:
             for epoch in range(n_layers + 3):
                 got = fn(epoch, n_layers)
                 want = freezing.unfrozen_layers(epoch, n_layers)
-                if not isinstance(got, list | tuple | set | range) or not all(
-                    isinstance(i, int) for i in got
-                ):
+                if not isinstance(got, list | tuple | set | range):
                     raise CheckFailed(f"return a list of layer indices (ints); got {describe(got)}.")
+                odd = [i for i in got if not isinstance(i, int) or isinstance(i, bool)]
+                if odd:
+                    raise CheckFailed(
+                        f"return a list of layer indices as Python ints; yours holds {type(odd[0]).__module__}."
+                        f"{type(odd[0]).__name__} values (convert with int(i), or .tolist() for an array)."
+                        if type(odd[0]).__module__ == "numpy"
+                        else f"return a list of layer indices as Python ints; yours holds {type(odd[0]).__name__} values."
+                    )
                 got_sorted = sorted(got)
                 if got_sorted == want:
                     continue

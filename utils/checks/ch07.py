@@ -130,6 +130,8 @@ def check_checkpointed_forward(checkpointed_forward: Callable) -> bool | None:
     whether or not ``x`` requires grad."""
     import torch
 
+    from utils import memory
+
     def body(fn):
         for x_grad in (False, True):
             case = (
@@ -151,8 +153,9 @@ def check_checkpointed_forward(checkpointed_forward: Callable) -> bool | None:
                 raise CheckFailed(f"{case}: the output differs from running the blocks one after the other.")
             if not got.requires_grad or all(g is None for g in grads):
                 raise CheckFailed(
-                    f"{case}: no gradient reaches the blocks' parameters. With use_reentrant=True a checkpoint "
-                    "whose input does not require grad records nothing; use use_reentrant=False."
+                    f"{case}: no gradient reaches the blocks' parameters. Checkpointing keeps autograd on (it only "
+                    "drops what is saved), so no torch.no_grad() around the blocks; and with use_reentrant=True a "
+                    "checkpoint whose input does not require grad records nothing: use use_reentrant=False."
                 )
             if any(g is None for g in grads) or not all(
                 close(g, w, 1e-6, 1e-6) for g, w in zip(grads, want_grads, strict=True)
@@ -167,6 +170,14 @@ def check_checkpointed_forward(checkpointed_forward: Callable) -> bool | None:
                 raise CheckFailed(
                     f"{case}: your forward saves {saved:,} bytes for backward, as many as a plain forward "
                     f"({plain_saved:,}): nothing is checkpointed. Run each block under torch.utils.checkpoint."
+                )
+            every_block = _run(
+                memory.checkpointed_forward, copy.deepcopy(blocks), x.detach().clone().requires_grad_(x_grad)
+            )[3]
+            if saved > every_block:
+                raise CheckFailed(
+                    f"{case}: your forward saves {saved:,} bytes for backward; with every block checkpointed only "
+                    f"the blocks' inputs are kept ({every_block:,} bytes). Is each block run under checkpoint?"
                 )
 
     return run_check("checkpointed forward", checkpointed_forward, body)
@@ -273,9 +284,15 @@ def check_accumulation_loss(accumulation_loss: Callable) -> bool | None:
         for name, value in _accum_variants(micro, n_total).items():
             if abs(total - value) <= 1e-5 * abs(value):
                 raise CheckFailed(_ACCUM_HINTS[name])
+        if abs(total - float(want)) <= 1e-5 * abs(float(want)):
+            raise CheckFailed(
+                f"the micro-batches' losses add up to the large batch's mean token loss ({float(want):.4f}), but "
+                "their gradients differ from it: is part of the expression detached (.detach(), .item(), a "
+                "constant computed without autograd)?"
+            )
         raise CheckFailed(
             f"the micro-batches' losses add up to {total:.4f}, not to the large batch's mean token loss "
-            f"({float(want):.4f}), or their gradients differ from it."
+            f"({float(want):.4f})."
         )
 
     return run_check("accumulation loss", accumulation_loss, body)

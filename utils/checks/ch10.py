@@ -85,6 +85,10 @@ def _logit_cases():
     shifted = a + 2e-4  # every logit moved a little (the mean difference is 2e-4)
     big = a * 100
     big_close = big + 5e-5  # large logits, absolute difference 5e-5: agree at atol 1e-4
+    near_1000 = (
+        1000 + a
+    )  # logits near 1,000 off by 5e-4: a relative tolerance (allclose's rtol) would pass them
+    near_1000_off = near_1000 + 5e-4
     return [
         ("the same logits", a, a.clone(), mask, 1e-6, True),
         ("differences of 1e-6 at atol 1e-5", a, small, mask, 1e-5, True),
@@ -92,6 +96,7 @@ def _logit_cases():
         ("one real logit off by 3e-3 (same argmax) at atol 1e-4", a, one_off, mask, 1e-4, False),
         ("every logit off by 2e-4 at atol 1e-4", a, shifted, mask, 1e-4, False),
         ("large logits off by 5e-5 at atol 1e-4", big, big_close, mask, 1e-4, True),
+        ("logits near 1,000 off by 5e-4 at atol 1e-4", near_1000, near_1000_off, mask, 1e-4, False),
     ]
 
 
@@ -106,6 +111,8 @@ def check_logits_agree(fn: Callable) -> bool | None:
                 raise CheckFailed(mutation_message(changed))
             if hasattr(got, "item") and getattr(got, "numel", lambda: 0)() == 1:
                 got = bool(got.item())
+            if type(got).__module__ == "numpy" and type(got).__name__.startswith("bool"):
+                got = bool(got)  # numpy's bool is a fine answer too
             if not isinstance(got, bool):
                 raise CheckFailed(
                     f"return a bool (True when they agree); your function returned {describe(got)}."
@@ -126,6 +133,12 @@ def check_logits_agree(fn: Callable) -> bool | None:
                 raise CheckFailed(
                     f"{what}: you say they agree, but every logit is off by more than atol. Every value must be "
                     "within atol."
+                )
+            if "near 1,000" in what:
+                raise CheckFailed(
+                    f"{what}: you say they agree, but every logit is off by 5e-4, more than atol. atol is an "
+                    "absolute tolerance: torch.allclose and isclose also add rtol * |b| (rtol 1e-5 by default), "
+                    "which near 1,000 is 1e-2."
                 )
             if "large logits" in what:
                 raise CheckFailed(
