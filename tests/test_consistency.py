@@ -95,3 +95,17 @@ def test_lesson_code_blocks_run(lesson, tmp_path):
         [sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
     )
     assert result.returncode == 0, f"{lesson.name}:\n{result.stderr[-3000:]}"
+
+
+def test_no_unsafe_loading():
+    """A checkpoint or model is data: torch.load unpickles arbitrary objects unless weights_only=True, and
+    trust_remote_code runs a repository's Python. Neither belongs in what the course teaches."""
+    unsafe = re.compile(r"weights_only\s*=\s*False|trust_remote_code\s*=\s*True")
+    paths = [*ROOT.glob("utils/**/*.py"), *ROOT.glob("solutions/*.ipynb"), *ROOT.glob("lessons/*.md")]
+    hits = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in paths
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if unsafe.search(line)
+    ]
+    assert hits == [], f"unsafe loading: {hits}"
