@@ -42,23 +42,23 @@ def _names_matching(model: nn.Module, patterns: str | Sequence[str]) -> list[str
     return [n for n in names if any(re.search(p, n) for p in pats)]
 
 
-def freeze(model: nn.Module, patterns: str | Sequence[str]) -> list[str]:
-    """Freeze every parameter whose name matches one of ``patterns`` (regular expressions, ``re.search``);
-    the others keep their ``requires_grad``. Returns the frozen names."""
+def _set_trainable(model: nn.Module, patterns: str | Sequence[str], trainable: bool) -> list[str]:
     names = _names_matching(model, patterns)
     params = dict(model.named_parameters())
     for n in names:
-        params[n].requires_grad_(False)
+        params[n].requires_grad_(trainable)
     return names
+
+
+def freeze(model: nn.Module, patterns: str | Sequence[str]) -> list[str]:
+    """Freeze every parameter whose name matches one of ``patterns`` (regular expressions, ``re.search``);
+    the others keep their ``requires_grad``. Returns the frozen names."""
+    return _set_trainable(model, patterns, False)
 
 
 def unfreeze(model: nn.Module, patterns: str | Sequence[str]) -> list[str]:
     """Make every parameter whose name matches one of ``patterns`` trainable; returns their names."""
-    names = _names_matching(model, patterns)
-    params = dict(model.named_parameters())
-    for n in names:
-        params[n].requires_grad_(True)
-    return names
+    return _set_trainable(model, patterns, True)
 
 
 def train_only(model: nn.Module, patterns: str | Sequence[str]) -> list[str]:
